@@ -1,0 +1,26 @@
+"""gradhpo: gradient-based hyperparameter optimization in JAX.
+
+Short-horizon hypergradient estimators (HyperDistill, T1-T2 with DARTS finite differences,
+generalized Greedy, First-Order, One-Step) behind one ``BilevelOptimizer`` interface, and the
+exact references (reverse and forward mode through the unrolled inner loop) that measure them.
+"""
+
+from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
+from gradhpo.core.base import BilevelOptimizer
+from gradhpo.core.inner import InnerStep
+from gradhpo.core.state import BilevelState
+from gradhpo.reference import forward_hypergradient, reverse_hypergradient, unrolled_val_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BilevelOptimizer",
+    "BilevelState",
+    "FOOptimizer",
+    "InnerStep",
+    "OneStepOptimizer",
+    "__version__",
+    "forward_hypergradient",
+    "reverse_hypergradient",
+    "unrolled_val_loss",
+]

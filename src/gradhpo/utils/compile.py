@@ -1,0 +1,55 @@
+"""Count XLA compilations, to check that a training loop compiles once."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import jax.monitoring
+
+# One MLIR lowering happens per compilation of a jitted program, whether or not the
+# persistent compilation cache then serves the executable.
+_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+@dataclasses.dataclass
+class CompilationCounter:
+    """How many programs were compiled while the counter was active."""
+
+    count: int = 0
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[CompilationCounter]:
+    """Count the programs JAX compiles inside the ``with`` block.
+
+    Every jitted program that has to be compiled (traced and lowered) counts once,
+    including the small programs eager ``jnp`` operations compile on first use; call the
+    code once before the block to count only what a steady-state loop compiles.
+
+    Returns:
+      A :class:`CompilationCounter` whose ``count`` is updated as compilations happen.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gradhpo.utils import count_compilations
+      >>> f = jax.jit(lambda x, lr: x - lr * x)
+      >>> _ = f(jnp.ones(3), 0.1)
+      >>> with count_compilations() as c:
+      ...     for lr in (0.1, 0.2, 0.3):
+      ...         _ = f(jnp.ones(3), lr)
+      >>> c.count
+      0
+    """
+    counter = CompilationCounter()
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == _LOWERING_EVENT:
+            counter.count += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

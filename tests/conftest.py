@@ -1,0 +1,21 @@
+"""Shared fixtures: float64 scoped to a test, small problems, the compilation cache."""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Persistent compilation cache: repeated local runs skip XLA compilation of unchanged programs.
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture
+def x64():
+    """Run the test in float64; the setting does not leak into other tests."""
+    with jax.enable_x64(True):
+        yield
