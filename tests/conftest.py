@@ -5,8 +5,8 @@ import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # Persistent compilation cache: repeated local runs skip XLA compilation of unchanged programs.
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"

@@ -53,7 +53,7 @@ def _scan_steps(phi: InnerStep, carry, hyperparams, batches, train_loss_fn, chec
         return jax.lax.scan(body, carry, seg_batches)[0], None
 
     if n_seg:
-        head = jax.tree.map(lambda x: x[: n_seg * K].reshape((n_seg, K) + x.shape[1:]), batches)
+        head = jax.tree.map(lambda x: x[: n_seg * K].reshape((n_seg, K, *x.shape[1:])), batches)
         carry = jax.lax.scan(segment, carry, head)[0]
     if rem:
         carry = segment(carry, jax.tree.map(lambda x: x[n_seg * K :], batches))[0]

@@ -20,7 +20,9 @@ from gradhpo.core.types import Batch, LossFn, PyTree
 def check_scalar(name: str, value: Any) -> None:
     """Raise a ValueError unless ``value`` is a scalar (checked on shapes, at trace time)."""
     if jnp.shape(value) != ():
-        raise ValueError(f"{name} must return a scalar loss, got an array of shape {jnp.shape(value)}")
+        raise ValueError(
+            f"{name} must return a scalar loss, got an array of shape {jnp.shape(value)}"
+        )
 
 
 def scalar_loss(name: str, loss_fn: LossFn) -> LossFn:
@@ -35,7 +37,7 @@ def scalar_loss(name: str, loss_fn: LossFn) -> LossFn:
 
 
 def check_matches(name: str, expected: PyTree, got: PyTree) -> None:
-    """Raise a ValueError unless ``got`` has the pytree structure and leaf shapes of ``expected``."""
+    """Raise a ValueError unless ``got`` has the structure and leaf shapes of ``expected``."""
     expected_def, got_def = jax.tree.structure(expected), jax.tree.structure(got)
     if expected_def != got_def:
         raise ValueError(f"{name} must have the pytree structure {expected_def}, got {got_def}")
