@@ -3,12 +3,14 @@
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 from problems import l2_train_loss, l2_val_loss, logreg_data, logreg_init
 
 from gradhpo import FOOptimizer, OneStepOptimizer
 from gradhpo.utils import count_compilations
 
 
+@pytest.mark.filterwarnings("ignore:the hyperparameters do not enter")
 def test_fifty_steps_with_changing_lr_hyper_compile_once():
     train, val = logreg_data()
     for cls in (FOOptimizer, OneStepOptimizer):

@@ -146,6 +146,7 @@ def nan_train_loss(w, lam, batch):
     return l2_train_loss(w, lam, batch) * jnp.where(batch["poison"], jnp.nan, 1.0)
 
 
+@pytest.mark.filterwarnings("ignore:the hyperparameters do not enter")
 def test_non_finite_inner_update_keeps_params_and_counts(problem):
     train, val = problem
     opt = FOOptimizer(inner_optimizer=optax.sgd(0.1, momentum=0.9))
