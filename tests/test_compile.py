@@ -62,3 +62,17 @@ def test_counter_sees_a_recompile():
     with count_compilations() as counter:
         opt.step(state, half, val, l2_train_loss, l2_val_loss, 0.1)
     assert counter.count == 1
+
+
+def test_weak_typed_initial_values_do_not_recompile_the_second_step():
+    """jnp.full(n, -4.0) and jnp.asarray(0.5) are weak-typed; init makes them strong."""
+    train, val = logreg_data()
+    opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
+    params = {"w": jnp.full(5, 0.1), "b": jnp.asarray(0.0)}
+    state = opt.init(params, jnp.full(5, -4.0))
+    assert not any(x.weak_type for x in jax.tree.leaves((state.params, state.hyperparams)))
+    with count_compilations() as counter:
+        for _ in range(3):
+            state = opt.step(state, train, val, l2_train_loss, l2_val_loss, 0.1)
+        jax.block_until_ready(state)
+    assert counter.count == 1

@@ -6,6 +6,7 @@ exact references (reverse and forward mode through the unrolled inner loop) that
 """
 
 from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
+from gradhpo.algorithms.t1t2 import T1T2Optimizer
 from gradhpo.core.base import BilevelOptimizer
 from gradhpo.core.inner import InnerStep
 from gradhpo.core.state import BilevelState
@@ -19,6 +20,7 @@ __all__ = [
     "FOOptimizer",
     "InnerStep",
     "OneStepOptimizer",
+    "T1T2Optimizer",
     "__version__",
     "forward_hypergradient",
     "reverse_hypergradient",

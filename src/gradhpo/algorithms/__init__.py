@@ -1,5 +1,10 @@
 """The bilevel algorithms."""
 
 from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
+from gradhpo.algorithms.t1t2 import T1T2Optimizer
 
-__all__ = ["FOOptimizer", "OneStepOptimizer"]
+__all__ = [
+    "FOOptimizer",
+    "OneStepOptimizer",
+    "T1T2Optimizer",
+]

@@ -66,7 +66,8 @@ def _float_tree(name: str, tree: PyTree) -> PyTree:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         raise ValueError(f"{name} must be a pytree with at least one array leaf, got {tree!r}")
-    tree = jax.tree.map(jnp.asarray, tree)
+    # Strong dtypes: a weak-typed leaf would change type after the first update and recompile.
+    tree = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TypeError(
@@ -258,6 +259,147 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         val_loss_fn: LossFn,
     ) -> Estimate:
         """Take the inner step(s) and return the hypergradient ``step`` applies."""
+
+    # -- hooks used by the training loops (gradhpo.training) --------------------------------
+
+    #: Inner steps one call of ``step`` takes (GreedyOptimizer: ``unroll_steps``).
+    steps_per_call: int = 1
+    #: The default episode length in ``step`` calls (HyperDistill: its ``T``), or None.
+    default_episode_length: int | None = None
+    #: Run :meth:`episode_setup` at episodes 0, P, 2P, ... (HyperDistill: θ estimation).
+    episode_setup_period: int | None = None
+
+    @partial(jax.jit, static_argnums=0)
+    def new_episode(self, state: BilevelState, params: PyTree | None = None) -> BilevelState:
+        """Start an episode: weights ``φ`` and a fresh inner optimizer state (jitted).
+
+        λ, the outer optimizer state, metadata and the global ``state.step`` carry over.
+
+        Args:
+          state: a state of this optimizer.
+          params: the episode's initial weights ``w_0 = φ`` (for instance the Reptile
+            meta-initialisation); default: continue from ``state.params``.
+
+        Returns:
+          A new :class:`~gradhpo.core.state.BilevelState`.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OneStepOptimizer
+          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1, momentum=0.9))
+          >>> state = opt.new_episode(opt.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones(2))
+          >>> state.params
+          Array([1., 1.], dtype=float32)
+        """
+        if params is None:
+            params = state.params
+        check_matches("params", state.params, params)
+        params = jax.tree.map(lambda p, old: jnp.asarray(p, old.dtype), params, state.params)
+        return state.update(
+            params=params, inner_opt_state=self.inner.init(params, state.hyperparams)
+        )
+
+    @partial(jax.jit, static_argnums=(0, 3))
+    def inner_step(
+        self, state: BilevelState, train_batch: Batch, train_loss_fn: LossFn
+    ) -> BilevelState:
+        """One inner step Φ with λ left as it is: no hypergradient, no hyper-update (jitted).
+
+        Used between hyper-updates when they are made only every k inner steps. The
+        non-finite guard applies; ``metadata["train_loss"]`` is updated, the validation
+        metrics keep their last values.
+
+        Args:
+          state: the current state.
+          train_batch: the batch of the inner step.
+          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
+
+        Returns:
+          The new state, ``step`` + 1.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OneStepOptimizer
+          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.5))
+          >>> state = opt.init(jnp.ones(2), jnp.zeros(2))
+          >>> state = opt.inner_step(state, None, lambda w, lam, b: jnp.sum(w**2))
+          >>> state.params, int(state.step)
+          (Array([0., 0.], dtype=float32), 1)
+        """
+        self._check_state(state)
+        new = self.inner(
+            state.params, state.inner_opt_state, state.hyperparams, train_batch, train_loss_fn
+        )
+        ok = all_finite((new.params, new.inner_opt_state))
+        metadata = dict(state.metadata)
+        metadata["train_loss"] = jnp.asarray(new.train_loss, metadata["train_loss"].dtype)
+        metadata["skipped_inner_updates"] = metadata["skipped_inner_updates"] + (~ok)
+        return state.update(
+            params=tree_select(ok, new.params, state.params),
+            inner_opt_state=tree_select(ok, new.inner_opt_state, state.inner_opt_state),
+            step=(state.step + 1).astype(jnp.int32),
+            metadata=metadata,
+        )
+
+    def run(
+        self,
+        state: BilevelState,
+        train_data: Any,
+        val_data: Any,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+        **options: Any,
+    ):
+        """Train for whole episodes: ``gradhpo.training.run(self, state, ...)``.
+
+        Same arguments and options (``num_episodes``, ``episode_length``, ``lr_hyper``,
+        ``hyper_update_every``, ``lr_reptile``, ``key``, ``callback``, ``progress``) for every
+        algorithm; see :func:`gradhpo.training.run`.
+
+        Returns:
+          A :class:`gradhpo.training.RunResult`.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OneStepOptimizer
+          >>> train = lambda w, lam, b: jnp.sum((w - b) ** 2) + jnp.sum(jnp.exp(lam) * w**2)
+          >>> val = lambda w, lam, b: jnp.sum((w - b) ** 2)
+          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
+          >>> out = opt.run(opt.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones(2), jnp.ones(2),
+          ...               train, val, episode_length=50, lr_hyper=0.5, progress=False)
+          >>> int(out.state.step)
+          50
+        """
+        from gradhpo.training.loop import run
+
+        return run(self, state, train_data, val_data, train_loss_fn, val_loss_fn, **options)
+
+    def run_step(
+        self,
+        state: BilevelState,
+        train_batch: Batch,
+        val_batch: Batch,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+        lr_hyper: Any,
+    ) -> BilevelState:
+        """``step`` with the uniform signature the training loops use (see GreedyOptimizer)."""
+        return self.step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper)
+
+    def episode_setup(
+        self,
+        state: BilevelState,
+        train_batches: Batch,
+        val_batch: Batch,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> BilevelState:
+        """Work done at the start of every ``episode_setup_period``-th episode (default: none).
+
+        ``train_batches`` holds ``default_episode_length`` batches stacked along a leading
+        axis. HyperDistill re-estimates θ here (Algorithm 3, line 1).
+        """
+        return state
 
     # -- shared machinery -----------------------------------------------------------------
 

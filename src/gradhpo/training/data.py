@@ -1,0 +1,146 @@
+"""Batch sources for the training loops: jittable samplers, fixed batches, Python sources.
+
+A loop draws one training batch per inner step and one validation batch per step call. Three
+kinds of source are accepted, with a trade-off:
+
+* a :class:`Sampler` (``sample(data, key) -> batch`` over arrays it carries, e.g.
+  :func:`minibatches`), or a fixed batch (any pytree of arrays, reused every step): jittable,
+  so a whole episode runs as one compiled ``lax.scan`` with no Python per step — the fast
+  path, and the only one populations (``vmap``) can use;
+* a Python callable ``() -> batch``: the simple usage; each step is one jitted call fed from
+  Python (about a dispatch's overhead per step, and no ``vmap`` over populations);
+* any iterator of batches (a ``tf.data`` / PyTorch loader converted to arrays, a generator):
+  as flexible as a callable, with the same per-step cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gradhpo.core.types import Batch, PyTree
+from gradhpo.utils.tree import leading_axis_length
+
+
+@jax.tree_util.register_pytree_node_class
+class Sampler:
+    """A jittable batch source: ``sampler(key) = sample_fn(data, key)``.
+
+    ``data`` (any pytree of arrays) is a pytree child, passed to compiled programs as an
+    argument rather than baked in as a constant; ``sample_fn`` is static (hashed as given, so
+    reuse one function object).
+
+    Args:
+      sample_fn: ``sample_fn(data, key) -> batch``, jittable, fixed output shapes.
+      data: the arrays to sample from (``None`` when ``sample_fn`` needs none).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gradhpo.training import Sampler
+      >>> noise = Sampler(lambda data, key: data + jax.random.normal(key, (2,)), jnp.zeros(2))
+      >>> noise(jax.random.PRNGKey(0)).shape
+      (2,)
+    """
+
+    def __init__(self, sample_fn: Callable[[PyTree, jax.Array], Batch], data: PyTree = None):
+        if not callable(sample_fn):
+            raise TypeError(f"sample_fn must be callable, got {type(sample_fn).__name__}")
+        self.sample_fn = sample_fn
+        self.data = data
+
+    def __call__(self, key: jax.Array) -> Batch:
+        return self.sample_fn(self.data, key)
+
+    def tree_flatten(self):
+        return (self.data,), self.sample_fn
+
+    @classmethod
+    def tree_unflatten(cls, sample_fn, children):
+        obj = object.__new__(cls)
+        obj.sample_fn, obj.data = sample_fn, children[0]
+        return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class _Minibatch:
+    """``sample_fn`` of :func:`minibatches`; hashable by value so equal settings share a program."""
+
+    batch_size: int
+    replace: bool
+
+    def __call__(self, data: PyTree, key: jax.Array) -> Batch:
+        n = leading_axis_length(data, "data")
+        idx = jax.random.choice(key, n, (self.batch_size,), replace=self.replace)
+        return jax.tree.map(lambda a: a[idx], data)
+
+
+def _fixed(data: PyTree, key: jax.Array) -> Batch:
+    return data
+
+
+def minibatches(data: PyTree, batch_size: int, *, replace: bool = False) -> Sampler:
+    """A sampler of random minibatches along the leading (example) axis of ``data``.
+
+    Args:
+      data: a pytree of arrays sharing a leading axis of examples.
+      batch_size: examples per batch, ``1 <= batch_size <= n`` (without replacement).
+      replace: draw with replacement.
+
+    Returns:
+      A :class:`Sampler`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gradhpo.training import minibatches
+      >>> sampler = minibatches({"x": jnp.arange(10.0)}, 4)
+      >>> sampler(jax.random.PRNGKey(0))["x"].shape
+      (4,)
+    """
+    n = leading_axis_length(data, "data")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not replace and batch_size > n:
+        raise ValueError(f"batch_size must be <= {n} (the number of examples), got {batch_size}")
+    return Sampler(_Minibatch(batch_size, replace), jax.tree.map(jnp.asarray, data))
+
+
+def fixed_batch(batch: PyTree) -> Sampler:
+    """A sampler that returns ``batch`` at every step (full-batch training).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gradhpo.training import fixed_batch
+      >>> fixed_batch(jnp.ones(3))(jax.random.PRNGKey(0))
+      Array([1., 1., 1.], dtype=float32)
+    """
+    return Sampler(_fixed, batch)
+
+
+class HostSource:
+    """A Python batch source (a callable ``() -> batch`` or an iterator), read on the host."""
+
+    def __init__(self, source: Callable[[], Batch] | Iterator[Batch], name: str):
+        self.source, self.name = source, name
+
+    def __call__(self) -> Batch:
+        if callable(self.source):
+            return self.source()
+        try:
+            return next(self.source)
+        except StopIteration:
+            raise ValueError(f"{self.name} ran out of batches before the run ended") from None
+
+
+def as_source(data: Any, name: str) -> Sampler | HostSource:
+    """Classify a user's data argument: a :class:`Sampler`, a fixed batch, or a host source."""
+    if isinstance(data, Sampler):
+        return data
+    if callable(data) or isinstance(data, Iterator):
+        return HostSource(data, name)
+    if data is not None and not jax.tree.leaves(data):
+        raise ValueError(f"{name} must be a Sampler, a batch of arrays, a callable or an iterator")
+    return fixed_batch(data)

@@ -1,0 +1,376 @@
+"""Training loops: equal to hand-written step loops, compile once, Reptile, populations."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from problems import l2_train_loss, l2_val_loss, logreg_data, logreg_init
+
+from gradhpo import OneStepOptimizer
+from gradhpo.training import loop as loop_module
+from gradhpo.training import minibatches, run, run_population
+from gradhpo.utils import count_compilations
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def make_opt():
+    return OneStepOptimizer(inner_optimizer=optax.sgd(0.3, momentum=0.5))
+
+
+def hand_loop(
+    opt, state, train_sampler, val_batch, key, episodes, length, lr_of, k=1, lr_reptile=None
+):
+    """The reference: a Python loop of opt.step / opt.inner_step on the same batches."""
+    phi = state.params
+    for e in range(episodes):
+        _, k_run = loop_module._episode_keys(key, e)
+        if lr_reptile is not None:
+            state = opt.new_episode(state, phi)
+        for key_t in jax.random.split(k_run, length):
+            k_train, _ = jax.random.split(key_t)
+            call = int(state.step)
+            batch = train_sampler(k_train)
+            if (call + 1) % k == 0:
+                state = opt.step(
+                    state, batch, val_batch, l2_train_loss, l2_val_loss, lr_of(call // k)
+                )
+            else:
+                state = opt.inner_step(state, batch, l2_train_loss)
+        if lr_reptile is not None:
+            phi = loop_module._reptile(phi, state.params, lr_reptile)
+    return state, phi
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_scan_run_equals_hand_written_loop(x64, k):
+    train, val = logreg_data()
+    opt = make_opt()
+    sampler = minibatches(train, 10)
+    state0 = opt.init(logreg_init(), jnp.full(5, -1.0))
+    key = jax.random.PRNGKey(3)
+    schedule = optax.exponential_decay(0.2, 5, 0.5)
+    out = run(
+        opt,
+        state0,
+        sampler,
+        val,
+        l2_train_loss,
+        l2_val_loss,
+        num_episodes=3,
+        episode_length=6,
+        lr_hyper=schedule,
+        hyper_update_every=k,
+        key=key,
+        progress=False,
+    )
+    ref, _ = hand_loop(opt, state0, sampler, val, key, 3, 6, schedule, k=k)
+    # The scan body is compiled as one program; agreement is to round-off in float64.
+    for x, y in zip(jax.tree.leaves(out.state), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-13, atol=1e-15)
+    assert int(out.state.step) == 18
+    assert out.history["val_loss"].shape == (3, 6)
+    np.testing.assert_array_equal(out.history["hyper_update"].sum(), 18 // k)
+
+
+def test_host_run_equals_hand_written_loop_bitwise(x64):
+    train, val = logreg_data(seed=1)
+    opt = make_opt()
+    sampler = minibatches(train, 10)
+    key = jax.random.PRNGKey(4)
+    # A Python callable fed the same batches the hand loop sees.
+    batches = []
+    for e in range(2):
+        _, k_run = loop_module._episode_keys(key, e)
+        for key_t in jax.random.split(k_run, 5):
+            batches.append(sampler(jax.random.split(key_t)[0]))
+    feed = iter(batches)
+    state0 = opt.init(logreg_init(), jnp.full(5, -1.0))
+    out = run(
+        opt,
+        state0,
+        feed,
+        val,
+        l2_train_loss,
+        l2_val_loss,
+        num_episodes=2,
+        episode_length=5,
+        lr_hyper=0.1,
+        key=key,
+        lr_reptile=0.5,
+        progress=False,
+    )
+    ref, phi = hand_loop(opt, state0, sampler, val, key, 2, 5, lambda n: 0.1, lr_reptile=0.5)
+    assert_trees_equal(out.state, ref)
+    assert_trees_equal(out.meta_params, phi)
+
+
+def test_reptile_one_makes_phi_the_last_weights():
+    train, val = logreg_data(seed=2)
+    opt = make_opt()
+    out = run(
+        opt,
+        opt.init(logreg_init(), jnp.zeros(5)),
+        minibatches(train, 10),
+        val,
+        l2_train_loss,
+        l2_val_loss,
+        num_episodes=3,
+        episode_length=4,
+        lr_hyper=0.1,
+        lr_reptile=1.0,
+        progress=False,
+    )
+    assert_trees_equal(out.meta_params, out.state.params)
+    fixed = run(
+        opt,
+        opt.init(logreg_init(), jnp.zeros(5)),
+        minibatches(train, 10),
+        val,
+        l2_train_loss,
+        l2_val_loss,
+        num_episodes=3,
+        episode_length=4,
+        lr_hyper=0.1,
+        lr_reptile=0.0,
+        progress=False,
+    )
+    assert_trees_equal(fixed.meta_params, logreg_init())  # restarts from a fixed φ
+    assert not np.allclose(fixed.state.params["w"], logreg_init()["w"])
+
+
+def test_twenty_episodes_with_decaying_lr_compile_each_program_once():
+    train, val = logreg_data(seed=3)
+    opt = make_opt()
+    state = opt.init(logreg_init(), jnp.zeros(5))
+    sampler = minibatches(train, 10)
+    schedule = optax.exponential_decay(0.5, 10, 0.9)
+    kwargs = dict(
+        num_episodes=20, episode_length=5, lr_hyper=schedule, lr_reptile=1.0, progress=False
+    )
+    with count_compilations() as counter:
+        out = run(opt, state, sampler, val, l2_train_loss, l2_val_loss, **kwargs)
+        jax.block_until_ready(out)
+    # The episode program, plus the small programs that stack the history and split keys.
+    first = counter.count
+    with count_compilations() as counter:
+        out = run(opt, out.state, sampler, val, l2_train_loss, l2_val_loss, **kwargs)
+        jax.block_until_ready(out)
+    assert counter.count == 0, "a second run recompiled something"
+    assert first <= 12, first
+
+
+def test_episode_program_compiles_once_across_episodes():
+    train, val = logreg_data(seed=3)
+    opt = make_opt()
+    sampler = minibatches(train, 10)
+    schedule = optax.exponential_decay(0.5, 10, 0.9)
+    traces = []
+    original = loop_module._episode_scan
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    jitted = loop_module._jit_episode
+    loop_module._jit_episode = jax.jit(counting, static_argnums=(0, 1, 2, 3))
+    try:
+        run(
+            opt,
+            opt.init(logreg_init(), jnp.zeros(5)),
+            sampler,
+            val,
+            l2_train_loss,
+            l2_val_loss,
+            num_episodes=20,
+            episode_length=5,
+            lr_hyper=schedule,
+            progress=False,
+        )
+    finally:
+        loop_module._jit_episode = jitted
+    assert len(traces) == 1
+
+
+def test_population_equals_sequential_runs():
+    train, val = logreg_data(seed=4)
+    opt = make_opt()
+    sampler = minibatches(train, 10)
+    lams = jnp.stack([jnp.full(5, v) for v in (-2.0, -1.0, 0.0, 1.0)])
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
+    states = jax.vmap(lambda lam: opt.init(logreg_init(), lam))(lams)
+    kwargs = dict(num_episodes=2, episode_length=5, lr_hyper=0.1, lr_reptile=0.5, progress=False)
+    pop = run_population(opt, states, sampler, val, l2_train_loss, l2_val_loss, keys=keys, **kwargs)
+    assert pop.history["val_loss"].shape == (4, 2, 5)
+    for i in range(4):
+        single = run(
+            opt,
+            opt.init(logreg_init(), lams[i]),
+            sampler,
+            val,
+            l2_train_loss,
+            l2_val_loss,
+            key=keys[i],
+            **kwargs,
+        )
+        member = jax.tree.map(lambda x, i=i: x[i], pop.state)
+        for x, y in zip(jax.tree.leaves(member), jax.tree.leaves(single.state), strict=True):
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            pop.history["val_loss"][i], single.history["val_loss"], rtol=2e-5
+        )
+
+
+def test_population_needs_jittable_data():
+    train, val = logreg_data(seed=4)
+    opt = make_opt()
+    states = jax.vmap(lambda lam: opt.init(logreg_init(), lam))(jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match="run_population needs jittable data"):
+        run_population(
+            opt,
+            states,
+            lambda: train,
+            val,
+            l2_train_loss,
+            l2_val_loss,
+            keys=jax.random.split(jax.random.PRNGKey(0), 2),
+            episode_length=2,
+            lr_hyper=0.1,
+        )
+
+
+def test_bad_run_arguments():
+    train, val = logreg_data()
+    opt = make_opt()
+    state = opt.init(logreg_init(), jnp.zeros(5))
+    common = (state, train, val, l2_train_loss, l2_val_loss)
+    with pytest.raises(ValueError, match="episode_length is required"):
+        run(opt, *common, lr_hyper=0.1)
+    with pytest.raises(ValueError, match="num_episodes must be an int >= 1"):
+        run(opt, *common, num_episodes=0, episode_length=2, lr_hyper=0.1)
+    with pytest.raises(ValueError, match="hyper_update_every must be an int >= 1"):
+        run(opt, *common, episode_length=2, lr_hyper=0.1, hyper_update_every=0)
+    with pytest.raises(ValueError, match="lr_hyper is required"):
+        run(opt, *common, episode_length=2)
+    with pytest.raises(ValueError, match=r"lr_reptile must be None or in \[0, 1\]"):
+        run(opt, *common, episode_length=2, lr_hyper=0.1, lr_reptile=2.0)
+    with_outer = OneStepOptimizer(inner_optimizer=optax.sgd(0.1), outer_optimizer=optax.adam(0.1))
+    with pytest.raises(ValueError, match="lr_hyper must be None"):
+        run(
+            with_outer,
+            with_outer.init(logreg_init(), jnp.zeros(5)),
+            train,
+            val,
+            l2_train_loss,
+            l2_val_loss,
+            episode_length=2,
+            lr_hyper=0.1,
+        )
+
+
+def test_iterator_that_runs_out_is_a_clear_error():
+    train, val = logreg_data()
+    opt = make_opt()
+    with pytest.raises(ValueError, match="train_data ran out of batches"):
+        run(
+            opt,
+            opt.init(logreg_init(), jnp.zeros(5)),
+            iter([train] * 3),
+            val,
+            l2_train_loss,
+            l2_val_loss,
+            episode_length=5,
+            lr_hyper=0.1,
+            progress=False,
+        )
+
+
+def test_progress_bar_is_off_under_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    assert loop_module._progress_enabled(None) is False
+    assert loop_module._progress_enabled(True) is True
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert loop_module._progress_enabled(None) is True
+
+
+def test_callback_and_history():
+    train, val = logreg_data()
+    opt = make_opt()
+    seen = []
+    out = run(
+        opt,
+        opt.init(logreg_init(), jnp.zeros(5)),
+        train,
+        val,
+        l2_train_loss,
+        l2_val_loss,
+        num_episodes=3,
+        episode_length=4,
+        lr_hyper=0.1,
+        progress=False,
+        callback=lambda e, s, rec: seen.append((e, int(s.step), rec["val_loss"].shape)),
+    )
+    assert seen == [(0, 4, (4,)), (1, 8, (4,)), (2, 12, (4,))]
+    assert out.history["hyperparams"].shape == (3, 5)
+    np.testing.assert_allclose(out.history["hyperparams"][-1], out.state.hyperparams)
+    np.testing.assert_allclose(
+        out.history["hyper_mean"][-1, -1], jnp.mean(out.state.hyperparams), rtol=1e-6
+    )
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
+    import sys; sys.path.insert(0, "tests")
+    from problems import logreg_data, logreg_init, l2_train_loss, l2_val_loss
+    from gradhpo import OneStepOptimizer
+    from gradhpo.training import run, minibatches
+    assert jax.device_count() == 8, jax.devices()
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,))
+    shard = lambda t: jax.tree.map(
+        lambda a: jax.device_put(a, NamedSharding(mesh, P("batch"))), t)
+    train, val = logreg_data(n=64)
+    opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.3, momentum=0.5))
+    s0 = opt.init(logreg_init(), jnp.zeros(5))
+    a = b = s0
+    for _ in range(5):
+        a = opt.step(a, train, val, l2_train_loss, l2_val_loss, 0.1)
+        b = opt.step(b, shard(train), shard(val), l2_train_loss, l2_val_loss, 0.1)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    kw = dict(num_episodes=4, episode_length=10, lr_hyper=0.1, lr_reptile=1.0, progress=False)
+    ra = run(opt, s0, minibatches(train, 32), val, l2_train_loss, l2_val_loss, **kw)
+    rb = run(opt, s0, minibatches(shard(train), 32), shard(val), l2_train_loss, l2_val_loss,
+             **kw)
+    for x, y in zip(jax.tree.leaves(ra.state), jax.tree.leaves(rb.state)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    print("SHARDED-OK")
+    """
+)
+
+
+def test_sharded_inputs_give_the_same_results():
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]
