@@ -74,7 +74,10 @@ class _Minibatch:
 
     def __call__(self, data: PyTree, key: jax.Array) -> Batch:
         n = leading_axis_length(data, "data")
-        idx = jax.random.choice(key, n, (self.batch_size,), replace=self.replace)
+        if self.replace:  # O(batch_size)
+            idx = jax.random.randint(key, (self.batch_size,), 0, n)
+        else:  # the top k of n uniforms: a uniform k-subset in O(n), no sort of all n
+            idx = jax.lax.top_k(jax.random.uniform(key, (n,)), self.batch_size)[1]
         return jax.tree.map(lambda a: a[idx], data)
 
 
@@ -82,13 +85,18 @@ def _fixed(data: PyTree, key: jax.Array) -> Batch:
     return data
 
 
-def minibatches(data: PyTree, batch_size: int, *, replace: bool = False) -> Sampler:
+def minibatches(data: PyTree, batch_size: int, *, replace: bool = True) -> Sampler:
     """A sampler of random minibatches along the leading (example) axis of ``data``.
+
+    Every draw is independent: ``batch_size`` i.i.d. uniform indices (``replace=True``, the
+    default, O(batch_size) per draw), or a uniform random subset of distinct examples
+    (``replace=False``, O(n) per draw through ``lax.top_k`` of n uniforms — cheaper than
+    ``jax.random.choice(replace=False)``, which sorts all n).
 
     Args:
       data: a pytree of arrays sharing a leading axis of examples.
-      batch_size: examples per batch, ``1 <= batch_size <= n`` (without replacement).
-      replace: draw with replacement.
+      batch_size: examples per batch, ``>= 1`` (and ``<= n`` without replacement).
+      replace: draw indices with replacement.
 
     Returns:
       A :class:`Sampler`.

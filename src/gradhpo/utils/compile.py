@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from collections.abc import Iterator
@@ -15,9 +16,15 @@ _LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 @dataclasses.dataclass
 class CompilationCounter:
-    """How many programs were compiled while the counter was active."""
+    """How many programs were compiled while the counter was active, and which.
+
+    Attributes:
+      count: the number of compilations.
+      by_name: compilations per program name (``jit(<function name>)``).
+    """
 
     count: int = 0
+    by_name: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 @contextlib.contextmanager
@@ -41,12 +48,18 @@ def count_compilations() -> Iterator[CompilationCounter]:
       ...         _ = f(jnp.ones(3), lr)
       >>> c.count
       0
+      >>> x = jnp.ones(4)
+      >>> with count_compilations() as c:
+      ...     _ = f(x, 0.1)  # a new shape: a new program
+      >>> c.count, c.by_name
+      (1, Counter({'jit(<lambda>)': 1}))
     """
     counter = CompilationCounter()
 
     def listener(event: str, duration: float, **kwargs) -> None:
         if event == _LOWERING_EVENT:
             counter.count += 1
+            counter.by_name[str(kwargs.get("fun_name", "?"))] += 1
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
