@@ -6,6 +6,7 @@ exact references (reverse and forward mode through the unrolled inner loop) that
 """
 
 from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
+from gradhpo.algorithms.greedy import GreedyOptimizer, Stacked
 from gradhpo.algorithms.t1t2 import T1T2Optimizer
 from gradhpo.core.base import BilevelOptimizer
 from gradhpo.core.inner import InnerStep
@@ -18,8 +19,10 @@ __all__ = [
     "BilevelOptimizer",
     "BilevelState",
     "FOOptimizer",
+    "GreedyOptimizer",
     "InnerStep",
     "OneStepOptimizer",
+    "Stacked",
     "T1T2Optimizer",
     "__version__",
     "forward_hypergradient",

@@ -1,10 +1,13 @@
 """The bilevel algorithms."""
 
 from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
+from gradhpo.algorithms.greedy import GreedyOptimizer, Stacked
 from gradhpo.algorithms.t1t2 import T1T2Optimizer
 
 __all__ = [
     "FOOptimizer",
+    "GreedyOptimizer",
     "OneStepOptimizer",
+    "Stacked",
     "T1T2Optimizer",
 ]
