@@ -374,3 +374,42 @@ def test_sharded_inputs_give_the_same_results():
         timeout=300,
     )
     assert "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_greedy_run_equals_hand_written_loop(x64):
+    from gradhpo import GreedyOptimizer, Stacked
+
+    train, val = logreg_data(seed=6)
+    opt = GreedyOptimizer(optax.sgd(0.3, momentum=0.5), optax.adam(0.05), unroll_steps=3, gamma=0.8)
+    sampler = minibatches(train, 10)
+    key = jax.random.PRNGKey(7)
+    state0 = opt.init(logreg_init(), jnp.full(5, -1.0))
+    out = run(
+        opt,
+        state0,
+        sampler,
+        val,
+        l2_train_loss,
+        l2_val_loss,
+        num_episodes=2,
+        episode_length=4,
+        hyper_update_every=2,
+        key=key,
+        progress=False,
+    )
+    state = state0
+    for e in range(2):
+        _, k_run = loop_module._episode_keys(key, e)
+        for key_t in jax.random.split(k_run, 4):
+            k_train, _ = jax.random.split(key_t)
+            batches = jax.vmap(sampler)(jax.random.split(k_train, 3))
+            if (int(state.step) // 3 + 1) % 2 == 0:
+                state = opt.step(state, Stacked(batches), val, l2_train_loss, l2_val_loss)
+            else:
+                for b in range(3):
+                    one = jax.tree.map(lambda a, b=b: a[b], batches)
+                    state = opt.inner_step(state, one, l2_train_loss)
+    assert int(out.state.step) == 24
+    for x, y in zip(jax.tree.leaves(out.state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(out.history["hyper_update"], [[0, 1, 0, 1], [0, 1, 0, 1]])
