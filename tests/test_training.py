@@ -14,7 +14,7 @@ from problems import l2_train_loss, l2_val_loss, logreg_data, logreg_init
 
 from gradhpo import OneStepOptimizer
 from gradhpo.training import loop as loop_module
-from gradhpo.training import minibatches, run, run_population
+from gradhpo.training import minibatches, programs, run, run_population
 from gradhpo.utils import count_compilations
 
 
@@ -47,7 +47,7 @@ def hand_loop(
             else:
                 state = opt.inner_step(state, batch, l2_train_loss)
         if lr_reptile is not None:
-            phi = loop_module._reptile(phi, state.params, lr_reptile)
+            phi = programs.reptile(phi, state.params, lr_reptile)
     return state, phi
 
 
@@ -175,14 +175,14 @@ def test_episode_program_compiles_once_across_episodes():
     sampler = minibatches(train, 10)
     schedule = optax.exponential_decay(0.5, 10, 0.9)
     traces = []
-    original = loop_module._episode_scan
+    original = programs.episode_scan
 
     def counting(*args, **kwargs):
         traces.append(1)
         return original(*args, **kwargs)
 
-    jitted = loop_module._jit_episode
-    loop_module._jit_episode = jax.jit(counting, static_argnums=(0, 1, 2, 3))
+    jitted = programs.jit_episode
+    programs.jit_episode = jax.jit(counting, static_argnums=(0, 1, 2, 3))
     try:
         run(
             opt,
@@ -197,7 +197,7 @@ def test_episode_program_compiles_once_across_episodes():
             progress=False,
         )
     finally:
-        loop_module._jit_episode = jitted
+        programs.jit_episode = jitted
     assert len(traces) == 1
 
 

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from gradhpo.core.base import BilevelOptimizer
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import LossFn, PyTree
+from gradhpo.training import programs
 from gradhpo.training.data import HostSource, Sampler, as_source
-from gradhpo.utils.tree import stack_batches, tree_norm
+from gradhpo.utils.tree import stack_batches
 
 logger = logging.getLogger("gradhpo")
 
@@ -55,163 +56,6 @@ class RunResult(NamedTuple):
     state: BilevelState
     meta_params: PyTree
     history: dict[str, Any]
-
-
-class _Config(NamedTuple):
-    """Static settings of the compiled episode program."""
-
-    episode_length: int
-    hyper_update_every: int
-    restart: bool
-    schedule: Callable[[jax.Array], jax.Array] | None
-
-
-def _hyper_summary(hyperparams: PyTree) -> tuple[jax.Array, jax.Array]:
-    leaves = jax.tree.leaves(hyperparams)
-    total = sum(jnp.sum(x) for x in leaves)
-    count = sum(x.size for x in leaves)
-    return total / count, tree_norm(hyperparams)
-
-
-def _record(state: BilevelState, hyper_update: jax.Array) -> dict[str, jax.Array]:
-    md = state.metadata
-    mean, norm = _hyper_summary(state.hyperparams)
-    return {
-        "train_loss": md["train_loss"],
-        "val_loss": md["val_loss"],
-        "hypergrad_norm": md["hypergrad_norm"],
-        "hyper_mean": mean,
-        "hyper_norm": norm,
-        "hyper_update": jnp.asarray(hyper_update),
-    }
-
-
-def _episode_record(state: BilevelState) -> dict[str, Any]:
-    record = {"hyperparams": state.hyperparams}
-    if "theta" in state.metadata:
-        record["theta"] = state.metadata["theta"]
-    return record
-
-
-def _lr_at(config: _Config, lr_hyper: Any, n_updates: jax.Array) -> Any:
-    """The hyper step size after ``n_updates`` hyper-updates (a schedule is traced)."""
-    if config.schedule is None:
-        return lr_hyper
-    # The widest integer in use (int64 under x64), so the schedule's value has full precision.
-    return config.schedule(jnp.asarray(n_updates, jax.dtypes.canonicalize_dtype(jnp.int64)))
-
-
-def _one_call(
-    opt: BilevelOptimizer, state, train_batch, val_batch, tl, vl, lr, is_hyper, config: _Config
-) -> BilevelState:
-    """One step call: a full step, or (between hyper-updates) inner steps only."""
-
-    def full(s):
-        return opt.run_step(s, train_batch, val_batch, tl, vl, lr)
-
-    def inner_only(s):
-        if opt.steps_per_call == 1:
-            return opt.inner_step(s, train_batch, tl)
-        batches = train_batch.batches  # Stacked, one batch per inner step
-        return jax.lax.scan(lambda c, b: (opt.inner_step(c, b, tl), None), s, batches)[0]
-
-    if config.hyper_update_every == 1:
-        return full(state)
-    return jax.lax.cond(is_hyper, full, inner_only, state)
-
-
-def _stack_for_call(opt: BilevelOptimizer, batches: PyTree) -> Any:
-    """Wrap ``steps_per_call`` stacked batches as the optimizer's step expects them."""
-    from gradhpo.algorithms.greedy import Stacked
-
-    return Stacked(batches)
-
-
-def _draw(opt: BilevelOptimizer, sampler: Sampler, key: jax.Array) -> Any:
-    if opt.steps_per_call == 1:
-        return sampler(key)
-    stacked = jax.vmap(sampler)(jax.random.split(key, opt.steps_per_call))
-    return _stack_for_call(opt, stacked)
-
-
-def _call_index(opt: BilevelOptimizer, state: BilevelState) -> jax.Array:
-    return state.step // opt.steps_per_call
-
-
-def _is_hyper(config: _Config, call_index) -> Any:
-    return (call_index + 1) % config.hyper_update_every == 0
-
-
-def _episode_scan(
-    opt: BilevelOptimizer,
-    tl: LossFn,
-    vl: LossFn,
-    config: _Config,
-    state: BilevelState,
-    phi: PyTree,
-    key: jax.Array,
-    train_src: Sampler,
-    val_src: Sampler,
-    lr_hyper: Any,
-    lr_reptile: Any,
-):
-    """One episode as one ``lax.scan`` (jittable data). Returns (state, φ, step records)."""
-    if config.restart:
-        state = opt.new_episode(state, phi)
-
-    def body(state, key_t):
-        k_train, k_val = jax.random.split(key_t)
-        call = _call_index(opt, state)
-        is_hyper = _is_hyper(config, call)
-        lr = _lr_at(config, lr_hyper, call // config.hyper_update_every)
-        new = _one_call(
-            opt,
-            state,
-            _draw(opt, train_src, k_train),
-            val_src(k_val),
-            tl,
-            vl,
-            lr,
-            is_hyper,
-            config,
-        )
-        return new, _record(new, is_hyper)
-
-    state, records = jax.lax.scan(body, state, jax.random.split(key, config.episode_length))
-    if config.restart:
-        phi = _reptile(phi, state.params, lr_reptile)
-    return state, phi, records
-
-
-def _reptile(phi: PyTree, w_T: PyTree, lr_reptile: Any) -> PyTree:
-    """Reptile ``φ ← φ - η (φ - w_T)``, as ``(1 - η) φ + η w_T`` (η = 1 gives w_T exactly)."""
-    return jax.tree.map(lambda p, w: (1 - lr_reptile) * p + lr_reptile * w, phi, w_T)
-
-
-def _setup_jittable(opt, tl, vl, state, key, train_src, val_src):
-    """``episode_setup`` (HyperDistill: θ) with T freshly drawn batches."""
-    k_train, k_val = jax.random.split(key)
-    T = opt.default_episode_length
-    batches = jax.vmap(train_src)(jax.random.split(k_train, T))
-    return opt.episode_setup(state, batches, val_src(k_val), tl, vl)
-
-
-_jit_episode = jax.jit(_episode_scan, static_argnums=(0, 1, 2, 3))
-_jit_setup_draw = jax.jit(_setup_jittable, static_argnums=(0, 1, 2))
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _population_episode(opt, tl, vl, config, states, phi, keys, train, val, lr, lr_reptile):
-    episode = partial(_episode_scan, opt, tl, vl, config)
-    return jax.vmap(episode, in_axes=(0, 0, 0, None, None, None, None))(
-        states, phi, keys, train, val, lr, lr_reptile
-    )
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _population_setup(opt, tl, vl, states, keys, train, val):
-    setup = partial(_setup_jittable, opt, tl, vl)
-    return jax.vmap(setup, in_axes=(0, 0, None, None))(states, keys, train, val)
 
 
 # -- host-side driver ----------------------------------------------------------------------
@@ -295,11 +139,11 @@ class _Loop:
         # with the same settings reuses the compiled programs.
         static = (opt, tl, vl, config)
         if vmapped:
-            self.episode_fn = partial(_population_episode, *static)
-            self.setup_fn = partial(_population_setup, *static[:3])
+            self.episode_fn = partial(programs.population_episode, *static)
+            self.setup_fn = partial(programs.population_setup, *static[:3])
         else:
-            self.episode_fn = partial(_jit_episode, *static)
-            self.setup_fn = partial(_jit_setup_draw, *static[:3])
+            self.episode_fn = partial(programs.jit_episode, *static)
+            self.setup_fn = partial(programs.jit_setup_draw, *static[:3])
 
     # -- jittable data: one program per episode -------------------------------------------
 
@@ -324,7 +168,7 @@ class _Loop:
         spc = self.opt.steps_per_call
         if spc == 1:
             return source()
-        return _stack_for_call(self.opt, stack_batches([source() for _ in range(spc)]))
+        return programs.stack_for_call(self.opt, stack_batches([source() for _ in range(spc)]))
 
     def host_val(self, key):
         return self.val() if isinstance(self.val, HostSource) else self.val(key)
@@ -332,7 +176,7 @@ class _Loop:
     def host_train(self, key):
         if isinstance(self.train, HostSource):
             return self.host_batches(self.train)
-        return _draw(self.opt, self.train, key)
+        return programs.draw(self.opt, self.train, key)
 
     def host_episode(self, state, phi, key, call_index):
         opt, config = self.opt, self.config
@@ -341,9 +185,9 @@ class _Loop:
         records = []
         for key_t in jax.random.split(key, config.episode_length):
             k_train, k_val = jax.random.split(key_t)
-            is_hyper = _is_hyper(config, call_index)
+            is_hyper = programs.hyper_due(config, call_index)
             n_updates = call_index // config.hyper_update_every
-            lr = _lr_at(config, self.lr_hyper, n_updates)
+            lr = programs.lr_at(config, self.lr_hyper, n_updates)
             train_batch, val_batch = self.host_train(k_train), self.host_val(k_val)
             if is_hyper:
                 state = opt.run_step(state, train_batch, val_batch, self.tl, self.vl, lr)
@@ -353,10 +197,10 @@ class _Loop:
                 for b in range(opt.steps_per_call):
                     batch = jax.tree.map(lambda a, b=b: a[b], train_batch.batches)
                     state = opt.inner_step(state, batch, self.tl)
-            records.append(_record(state, is_hyper))
+            records.append(programs.record(state, is_hyper))
             call_index += 1
         if config.restart:
-            phi = _reptile(phi, state.params, self.lr_reptile)
+            phi = programs.reptile(phi, state.params, self.lr_reptile)
         stacked = {k: jnp.stack([r[k] for r in records]) for k in records[0]}
         return state, phi, stacked, call_index
 
@@ -367,12 +211,7 @@ class _Loop:
             batches = stack_batches([self.train() for _ in range(T)])
         else:
             batches = jax.vmap(self.train)(jax.random.split(k_train, T))
-        return _jit_setup(self.opt, self.tl, self.vl, state, batches, self.host_val(k_val))
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _jit_setup(opt, tl, vl, state, batches, val_batch):
-    return opt.episode_setup(state, batches, val_batch, tl, vl)
+        return programs.jit_setup(self.opt, self.tl, self.vl, state, batches, self.host_val(k_val))
 
 
 def _drive(loop: _Loop, state, episode_keys, num_episodes, callback, progress, population):
@@ -395,7 +234,7 @@ def _drive(loop: _Loop, state, episode_keys, num_episodes, callback, progress, p
             logger.debug("episode %d: %s setup done", episode, type(opt).__name__)
         state, phi, records, call_index = loop.episode(state, phi, k_run, call_index)
         step_records.append(records)
-        episode_records.append(_episode_record(state))
+        episode_records.append(programs.episode_record(state))
         if callback is not None:
             callback(episode, state, records)
         if bar is not None:  # the user asked for feedback: one read per episode
@@ -493,7 +332,7 @@ def run(
         optimizer, num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile
     )
     lr_value, schedule = _split_lr(lr_hyper)
-    config = _Config(episode_length, hyper_update_every, lr_reptile is not None, schedule)
+    config = programs.Config(episode_length, hyper_update_every, lr_reptile is not None, schedule)
     loop = _Loop(
         optimizer,
         train_data,
@@ -572,7 +411,7 @@ def run_population(
     if jnp.shape(keys)[:1] != (population,):
         raise ValueError(f"keys must have a leading axis of length {population}, got {keys.shape}")
     lr_value, schedule = _split_lr(lr_hyper)
-    config = _Config(episode_length, hyper_update_every, lr_reptile is not None, schedule)
+    config = programs.Config(episode_length, hyper_update_every, lr_reptile is not None, schedule)
     loop = _Loop(
         optimizer,
         train_data,
