@@ -76,9 +76,9 @@ def test_mismatched_params_and_hyperparams(problem):
     train, val = problem
     opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
     state = opt.init(logreg_init(), jnp.zeros(5))
-    with pytest.raises(ValueError, match="hyperparams must keep its shape"):
+    with pytest.raises(ValueError, match="hyperparams must have shape"):
         state.update(hyperparams=jnp.zeros(4))
-    with pytest.raises(ValueError, match="params must keep the pytree structure"):
+    with pytest.raises(ValueError, match="params must have the pytree structure"):
         state.update(params=[jnp.zeros(5), jnp.zeros(())])
     # A hand-built state whose inner optimizer state belongs to another optimizer.
     foreign = OneStepOptimizer(inner_optimizer=optax.adam(0.1)).init(logreg_init(), jnp.zeros(5))

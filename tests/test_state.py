@@ -40,9 +40,9 @@ def test_update_rejects_unknown_field_and_structure_change():
     s = make_state()
     with pytest.raises(TypeError, match="unknown BilevelState field"):
         s.update(parameters=1)
-    with pytest.raises(ValueError, match="params must keep the pytree structure"):
+    with pytest.raises(ValueError, match="params must have the pytree structure"):
         s.update(params={"v": jnp.ones(3)})
-    with pytest.raises(ValueError, match=r"hyperparams must keep its shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"hyperparams must have shape \(2,\)"):
         s.update(hyperparams=jnp.zeros(3))
 
 

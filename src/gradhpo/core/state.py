@@ -7,28 +7,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gradhpo.core.inner import check_matches
 from gradhpo.core.types import PyTree
 
 _FIELDS = ("params", "hyperparams", "inner_opt_state", "outer_opt_state", "step", "metadata")
 # Fields whose pytree structure and leaf shapes are fixed once the state exists.
 _STRUCTURED = ("params", "hyperparams")
-
-
-def _check_same_structure(name: str, old: PyTree, new: PyTree) -> None:
-    """Raise a ValueError naming ``name`` when ``new`` does not match ``old``."""
-    old_def, new_def = jax.tree.structure(old), jax.tree.structure(new)
-    if old_def != new_def:
-        raise ValueError(
-            f"{name} must keep the pytree structure of the state: expected {old_def}, got {new_def}"
-        )
-    for (path, leaf_old), leaf_new in zip(
-        jax.tree_util.tree_leaves_with_path(old), jax.tree.leaves(new), strict=True
-    ):
-        if jnp.shape(leaf_old) != jnp.shape(leaf_new):
-            raise ValueError(
-                f"{name}{jax.tree_util.keystr(path)} must keep its shape "
-                f"{jnp.shape(leaf_old)}, got {jnp.shape(leaf_new)}"
-            )
 
 
 class BilevelState:
@@ -126,7 +110,7 @@ class BilevelState:
             if name in changes:
                 old, new = getattr(self, name), changes[name]
                 if old is not None and new is not None:
-                    _check_same_structure(name, old, new)
+                    check_matches(name, old, new)
         values = {name: getattr(self, name) for name in _FIELDS}
         values.update(changes)
         return BilevelState(**values)

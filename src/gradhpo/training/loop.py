@@ -121,14 +121,25 @@ def _split_lr(lr_hyper: Any) -> tuple[Any, Callable | None]:
     return lr_hyper, None
 
 
+#: The settings of a run that configure its compiled programs.
+_OPTIONS = ("num_episodes", "episode_length", "lr_hyper", "hyper_update_every", "lr_reptile")
+
+
 class _Loop:
     """The episode driver shared by :func:`run` and :func:`run_population`."""
 
-    def __init__(self, opt, train_data, val_data, tl, vl, config, lr_hyper, lr_reptile, vmapped):
+    def __init__(self, opt, train_data, val_data, tl, vl, options: dict[str, Any], vmapped):
+        episode_length = _resolve_episode_length(opt, options["episode_length"])
+        lr_hyper, lr_reptile = options["lr_hyper"], options["lr_reptile"]
+        every = options["hyper_update_every"]
+        _check_run_args(opt, options["num_episodes"], episode_length, lr_hyper, every, lr_reptile)
+        lr_value, schedule = _split_lr(lr_hyper)
+        config = programs.Config(episode_length, every, lr_reptile is not None, schedule)
         self.opt, self.tl, self.vl, self.config = opt, tl, vl, config
         self.train = as_source(train_data, "train_data")
         self.val = as_source(val_data, "val_data")
-        self.lr_hyper, self.lr_reptile = lr_hyper, lr_reptile
+        self.lr_hyper = lr_value
+        self.lr_reptile = lr_reptile if lr_reptile is not None else 0.0
         self.jittable = isinstance(self.train, Sampler) and isinstance(self.val, Sampler)
         if vmapped and not self.jittable:
             raise ValueError(
@@ -327,23 +338,8 @@ def run(
     References:
       Lee et al., ICLR 2022, Algorithm 3; Nichol et al., 2018 (Reptile).
     """
-    episode_length = _resolve_episode_length(optimizer, episode_length)
-    _check_run_args(
-        optimizer, num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile
-    )
-    lr_value, schedule = _split_lr(lr_hyper)
-    config = programs.Config(episode_length, hyper_update_every, lr_reptile is not None, schedule)
-    loop = _Loop(
-        optimizer,
-        train_data,
-        val_data,
-        train_loss_fn,
-        val_loss_fn,
-        config,
-        lr_value,
-        lr_reptile if lr_reptile is not None else 0.0,
-        vmapped=False,
-    )
+    options = {name: value for name, value in locals().items() if name in _OPTIONS}
+    loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False)
     key = jax.random.PRNGKey(0) if key is None else key
     episode_keys = partial(_episode_keys, key)
     return _drive(loop, state, episode_keys, num_episodes, callback, progress, None)
@@ -401,28 +397,13 @@ def run_population(
     References:
       Lee et al., ICLR 2022, Algorithm 3.
     """
-    episode_length = _resolve_episode_length(optimizer, episode_length)
-    _check_run_args(
-        optimizer, num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile
-    )
+    options = {name: value for name, value in locals().items() if name in _OPTIONS}
+    loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, True)
     population = int(jnp.shape(states.step)[0]) if jnp.ndim(states.step) == 1 else None
     if population is None:
         raise ValueError("states must carry a leading population axis (states.step of shape (N,))")
     if jnp.shape(keys)[:1] != (population,):
         raise ValueError(f"keys must have a leading axis of length {population}, got {keys.shape}")
-    lr_value, schedule = _split_lr(lr_hyper)
-    config = programs.Config(episode_length, hyper_update_every, lr_reptile is not None, schedule)
-    loop = _Loop(
-        optimizer,
-        train_data,
-        val_data,
-        train_loss_fn,
-        val_loss_fn,
-        config,
-        lr_value,
-        lr_reptile if lr_reptile is not None else 0.0,
-        vmapped=True,
-    )
     # Member i's keys are exactly those run(key=keys[i]) would use.
     member_keys = jax.vmap(_episode_keys, in_axes=(0, None))
     return _drive(
