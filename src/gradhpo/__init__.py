@@ -7,6 +7,7 @@ exact references (reverse and forward mode through the unrolled inner loop) that
 
 from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
 from gradhpo.algorithms.greedy import GreedyOptimizer, Stacked
+from gradhpo.algorithms.online import OnlineHypergradientOptimizer
 from gradhpo.algorithms.t1t2 import T1T2Optimizer
 from gradhpo.core.base import BilevelOptimizer
 from gradhpo.core.inner import InnerStep
@@ -22,6 +23,7 @@ __all__ = [
     "GreedyOptimizer",
     "InnerStep",
     "OneStepOptimizer",
+    "OnlineHypergradientOptimizer",
     "Stacked",
     "T1T2Optimizer",
     "__version__",

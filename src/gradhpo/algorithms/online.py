@@ -1,0 +1,504 @@
+"""HyperDistill: online hypergradients with a distilled second-order term (Algorithms 3, 4).
+
+λ is updated after every inner step ``w_t = Φ(w_{t-1}, λ; D_t)`` of an episode (T steps
+from ``w_0 = φ``) with
+
+    g_t = g_FO + θ S_t v_t,   v_t = α_t ∂Φ(w*_t, λ; D*_t)/∂λ,   S_t = (1 - γ^t)/(1 - γ),
+
+where ``w*_t`` is the γ-weighted average of the points ``w_0 .. w_{t-1}`` (Eq. 13) and ``D*_t``
+optionally the matching mix of the batches (Eq. 14). ``θ`` rescales the distilled term to
+the true second-order term; :meth:`OnlineHypergradientOptimizer.estimate_theta` fits it by a
+DrMAD-style backward pass (Algorithm 4). For an isotropic quadratic (``A_t = γI``) the
+online ``g_t`` is the exact reverse-mode hypergradient of the first t steps and θ = 1.
+
+References:
+  Lee, Lee, Hwang. "Online Hyperparameter Meta-Learning with Hypergradient Distillation."
+  ICLR 2022.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from numbers import Real
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradhpo.algorithms._hyperdistill import (
+    ThetaFit,
+    ema_weights,
+    lerp,
+    linear_estimation,
+    mix_batches,
+    num_examples,
+)
+from gradhpo.core.base import BilevelOptimizer, Estimate
+from gradhpo.core.inner import validation_grads
+from gradhpo.core.state import BilevelState
+from gradhpo.core.types import Batch, LossFn, PyTree
+from gradhpo.utils.dependence import output_depends_on
+from gradhpo.utils.tree import leading_axis_length, stack_batches, tree_add, tree_norm, tree_scale
+
+__all__ = ["OnlineHypergradientOptimizer", "ThetaFit"]
+
+_THETA_POINTS = ("interpolated", "trajectory")
+#: Metadata keys that exist only with ``distill_batch=True``.
+_DISTILL_KEYS = ("distilled_batch", "key")
+# Salt that separates Algorithm 4's batch-mixing draws from those of the online steps.
+_ESTIMATION_SALT = 0x7E7A
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class OnlineHypergradientOptimizer(BilevelOptimizer):
+    """HyperDistill (Lee et al., 2022): online hypergradients ``g_t = g_FO + θ S_t v_t``.
+
+    One call of :meth:`step` is step t of the current episode (Algorithm 3)::
+
+        S_t = γ S_{t-1} + 1,  p_t = γ S_{t-1} / S_t        ((γ - γ^t)/(1 - γ^t); (t-1)/t at γ = 1)
+        w*_t = p_t w*_{t-1} + (1 - p_t) w_{t-1}              (Eq. 13; w*_1 = w_0)
+        D*_t = D_t, or per example D*_{t-1} w.p. p_t, else D_t (Eq. 14, distill_batch=True)
+        w_t = Φ(w_{t-1}, λ; D_t),  α_t = ∇_w L_val(w_t, λ),  g_FO = ∂L_val(w_t, λ)/∂λ
+        v_t = α_t ∂Φ(w*_t, λ; D*_t)/∂λ,  g_t = g_FO + θ S_t v_t,  λ ← λ - η g_t
+
+    The episode step t, ``S_t``, ``w*_t``, θ (and ``D*_t`` with its PRNG key) are arrays in
+    ``state.metadata`` (keys ``"episode_step"``, ``"S_t"``, ``"w_star"``, ``"theta"``,
+    ``"distilled_batch"``, ``"key"``), so ``step`` compiles once for every t, θ and γ-limit.
+    With a stateful inner optimizer (momentum, Adam), ``∂Φ(w*_t, ...)/∂λ`` holds the
+    current inner state ``s_{t-1}`` fixed (SPEC Part 2, item 5): at γ = 0 and θ = 1 this is
+    exactly :class:`~gradhpo.algorithms.baselines.OneStepOptimizer`.
+
+    Episodes: :meth:`new_episode` starts one (t = 0, fresh inner optimizer state, optionally
+    new weights ``φ``); :meth:`with_theta` sets θ, for instance from :meth:`estimate_theta`
+    at the start of every ``estimation_period``-th episode. ``step`` does not stop at T:
+    past the end of an episode t keeps counting and ``w*_t``, ``S_t`` follow the same
+    formulas (``S_t → 1/(1-γ)``), as if the episode were longer.
+
+    Args:
+      inner_optimizer, outer_optimizer, update_fn: see
+        :class:`~gradhpo.core.base.BilevelOptimizer`.
+      gamma: the decay γ ∈ [0, 1] of the distilled trajectory. γ = 0 is One-Step; γ = 1
+        weighs all points equally (``S_t = t``, ``p_t = (t-1)/t``). For SGD of step η on a
+        quadratic of curvature k (``A_t = γI`` with γ = 1 - ηk) and B affine in w, ``g_t``
+        with θ = 1 is the exact reverse-mode hypergradient of the first t steps.
+      estimation_period: re-estimate θ every this many episodes (50 in the paper): the
+        training loops call :meth:`episode_setup` at episodes 0, P, 2P, ...
+      T: the episode length (the loops' default) and the number of batches
+        :meth:`estimate_theta` takes.
+      distill_batch: also distill the batches (Eq. 14). ``init`` then needs
+        ``example_batch`` (a batch of the shape every ``train_batch`` will have).
+      unit_direction: where λ does not enter ``L_val`` (``g_FO ≡ 0``, decided from the
+        traced program), use the paper's unit direction ``g_t = v_t/‖v_t‖`` (π* = 1), so
+        that ``lr_hyper`` is the length of every hyper-step and θ plays no part. Off by
+        default: ``θ S_t v_t`` keeps the hypergradient's scale, equals One-Step at γ = 0
+        and reverse mode on isotropic quadratics. No effect where ``g_FO`` can be nonzero.
+      theta_points: the points of Algorithm 4's backward pass. ``"interpolated"`` (the
+        paper's): DrMAD's line ``ŵ_{t-1}`` between ``w_0`` and ``w_T`` (optimizer state
+        likewise), for both the Jacobians and the EMA point of Eq. 17, memory O(P).
+        ``"trajectory"``: the stored forward trajectory for both, memory O(T·P); the
+        backward pass is then exact reverse mode. Both use one set of points throughout,
+        so θ = 1 whenever ``A_t = γI`` and ``B`` is affine in w.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from gradhpo import OnlineHypergradientOptimizer
+      >>> train = lambda w, lam, b: 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)
+      >>> val = lambda w, lam, b: 0.5 * jnp.sum((w - 1.0) ** 2)
+      >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=3)
+      >>> state = opt.init(jnp.zeros(2), jnp.zeros(2))
+      >>> state = opt.with_theta(state, opt.estimate_theta(
+      ...     state, jnp.zeros((3, 1)), None, train, val))
+      >>> for _ in range(3):
+      ...     state = opt.step(state, None, None, train, val, 1.0)
+      >>> int(state.metadata["episode_step"]), float(state.metadata["S_t"])
+      (3, 1.75)
+      >>> state = opt.new_episode(state)
+      >>> int(state.metadata["episode_step"]), int(state.step)
+      (0, 3)
+
+    References:
+      Lee, Lee, Hwang. "Online Hyperparameter Meta-Learning with Hypergradient
+      Distillation." ICLR 2022, Algorithms 3 and 4.
+    """
+
+    def __init__(
+        self,
+        inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
+        outer_optimizer: optax.GradientTransformation | None = None,
+        gamma: float = 0.99,
+        estimation_period: int = 50,
+        T: int = 20,
+        update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
+        *,
+        distill_batch: bool = False,
+        unit_direction: bool = False,
+        theta_points: str = "interpolated",
+    ):
+        if isinstance(gamma, bool) or not isinstance(gamma, Real) or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if theta_points not in _THETA_POINTS:
+            raise ValueError(f"theta_points must be one of {_THETA_POINTS}, got {theta_points!r}")
+        super().__init__(inner_optimizer, outer_optimizer, update_fn)
+        self.gamma = float(gamma)
+        self.estimation_period = _positive_int("estimation_period", estimation_period)
+        self.T = _positive_int("T", T)
+        self.distill_batch = bool(distill_batch)
+        self.unit_direction = bool(unit_direction)
+        self.theta_points = theta_points
+        # Hooks of the training loops: episodes of T steps, θ every estimation_period.
+        self.default_episode_length = self.T
+        self.episode_setup_period = self.estimation_period
+
+    # -- state ------------------------------------------------------------------------------
+
+    def init(
+        self,
+        params: PyTree,
+        hyperparams: PyTree,
+        *,
+        example_batch: Batch | None = None,
+        key: jax.Array | None = None,
+    ) -> BilevelState:
+        """Create the state at the start of the first episode (t = 0, θ = 1).
+
+        Args:
+          params: the initial weights ``w_0 = φ``.
+          hyperparams: the initial hyperparameters λ.
+          example_batch: with ``distill_batch=True`` (required there, refused otherwise), a
+            training batch whose shapes every later ``train_batch`` shares; only its
+            shapes and dtypes are used.
+          key: with ``distill_batch=True``, the PRNG key of the batch mixing
+            (``jax.random.PRNGKey`` or ``jax.random.key``; default ``PRNGKey(0)``).
+
+        Returns:
+          A :class:`~gradhpo.core.state.BilevelState`.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OnlineHypergradientOptimizer
+          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.1), distill_batch=True)
+          >>> state = opt.init(jnp.zeros(2), jnp.zeros(2), example_batch=jnp.zeros((8, 3)))
+          >>> state.metadata["distilled_batch"].shape, float(state.metadata["theta"])
+          ((8, 3), 1.0)
+        """
+        if not self.distill_batch:
+            if example_batch is not None or key is not None:
+                raise ValueError(
+                    "example_batch and key are used only with distill_batch=True; drop them "
+                    "or build the optimizer with distill_batch=True"
+                )
+            return super().init(params, hyperparams)
+        if example_batch is None:
+            raise ValueError(
+                "distill_batch=True keeps the distilled batch D*_t in the state: pass "
+                "init(params, hyperparams, example_batch=batch), a batch shaped like every "
+                "train_batch"
+            )
+        D_star = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), example_batch)
+        num_examples(D_star, "example_batch")
+        key = jax.random.PRNGKey(0) if key is None else jnp.asarray(key)
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        if key.shape != (2,) or key.dtype != jnp.uint32:
+            raise ValueError(f"key must be a single PRNG key, got {key.dtype}{key.shape}")
+        state = super().init(params, hyperparams)
+        return state.update(metadata={**state.metadata, "distilled_batch": D_star, "key": key})
+
+    def _init_metadata(self, params: PyTree, hyperparams: PyTree) -> dict[str, Any]:
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        return {
+            "episode_step": jnp.zeros((), jnp.int32),  # t
+            "S_t": jnp.zeros((), dtype),
+            "w_star": params,
+            "theta": jnp.ones((), dtype),
+        }
+
+    def init_metadata_keys(self, params: PyTree, hyperparams: PyTree) -> set[str]:
+        """Every metadata key :meth:`init` creates (the distillation keys included)."""
+        keys = super().init_metadata_keys(params, hyperparams)
+        return keys | set(_DISTILL_KEYS) if self.distill_batch else keys
+
+    def with_theta(self, state: BilevelState, theta: float | jax.Array) -> BilevelState:
+        """The state with θ replaced; a new θ never recompiles ``step`` (jittable).
+
+        Args:
+          state: a state of this optimizer.
+          theta: the new θ, a scalar (typically from :meth:`estimate_theta`).
+
+        Returns:
+          A new :class:`~gradhpo.core.state.BilevelState`.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OnlineHypergradientOptimizer
+          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.1))
+          >>> state = opt.with_theta(opt.init(jnp.zeros(2), jnp.zeros(2)), 0.5)
+          >>> float(state.metadata["theta"])
+          0.5
+        """
+        if jnp.shape(theta) != ():
+            raise ValueError(f"theta must be a scalar, got shape {jnp.shape(theta)}")
+        old = state.metadata["theta"]
+        return state.update(metadata={**state.metadata, "theta": jnp.asarray(theta, old.dtype)})
+
+    @partial(jax.jit, static_argnums=0)
+    def new_episode(self, state: BilevelState, params: PyTree | None = None) -> BilevelState:
+        """Start an episode: t = 0, a fresh inner optimizer state, weights ``φ`` (jitted).
+
+        ``S_t`` returns to 0, so the first step has ``p_1 = 0`` and ``w*_1 = φ``, ``D*_1 = D_1``
+        whatever ``w*`` and ``D*`` held (``w*`` is set to φ here for inspection). λ, θ, the
+        outer optimizer state, the PRNG key and the global ``state.step`` carry over.
+
+        Args:
+          state: a state of this optimizer.
+          params: the episode's initial weights ``w_0 = φ`` (the Reptile point of
+            Algorithm 3); default: continue from ``state.params``.
+
+        Returns:
+          A new :class:`~gradhpo.core.state.BilevelState`.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OnlineHypergradientOptimizer
+          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.1))
+          >>> state = opt.init(jnp.zeros(2), jnp.zeros(2))
+          >>> state = opt.new_episode(state, jnp.ones(2))
+          >>> state.params, int(state.metadata["episode_step"])
+          (Array([1., 1.], dtype=float32), 0)
+        """
+        state = super().new_episode(state, params)
+        metadata = dict(state.metadata)
+        metadata["episode_step"] = jnp.zeros_like(metadata["episode_step"])
+        metadata["S_t"] = jnp.zeros_like(metadata["S_t"])
+        metadata["w_star"] = state.params
+        return state.update(metadata=metadata)
+
+    def episode_setup(
+        self,
+        state: BilevelState,
+        train_batches: Batch,
+        val_batch: Batch,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> BilevelState:
+        """Algorithm 3, line 1: θ ← LinearEstimation, set in the state (traceable).
+
+        The training loops call it at the start of every ``estimation_period``-th episode,
+        after :meth:`new_episode`, so that Algorithm 4 starts from the episode's ``φ``.
+
+        Args:
+          state, train_batches, val_batch, train_loss_fn, val_loss_fn: as for
+            :meth:`estimate_theta`.
+
+        Returns:
+          ``state`` with θ replaced by the new estimate.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OnlineHypergradientOptimizer
+          >>> train = lambda w, lam, b: 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)
+          >>> val = lambda w, lam, b: 0.5 * jnp.sum((w - 1.0) ** 2)
+          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=2)
+          >>> state = opt.with_theta(opt.init(jnp.zeros(1), jnp.ones(1)), 0.3)
+          >>> state = opt.episode_setup(state, jnp.zeros((2, 1)), None, train, val)
+          >>> round(float(state.metadata["theta"]), 6)  # A = γI: θ = 1
+          1.0
+
+        References:
+          Lee et al., ICLR 2022, Algorithm 3.
+        """
+        theta = self.estimate_theta(state, train_batches, val_batch, train_loss_fn, val_loss_fn)
+        return self.with_theta(state, theta)
+
+    # -- Algorithm 3: one online step -------------------------------------------------------
+
+    def _distill(self, state: BilevelState, train_batch: Batch):
+        """Eqs. 13-14 at step t: ``(S_t, w*_t, D*_t)`` and the metadata entries they update."""
+        md = state.metadata
+        S_t, p_t = ema_weights(self.gamma, md["S_t"])  # p_t = (γ - γ^t)/(1 - γ^t)
+        w_star = lerp(p_t, md["w_star"], state.params)  # Eq. 13
+        metadata = {"episode_step": md["episode_step"] + 1, "S_t": S_t, "w_star": w_star}
+        D_star = train_batch
+        if self.distill_batch:
+            key, subkey = jax.random.split(md["key"])
+            D_star = mix_batches(subkey, p_t, md["distilled_batch"], train_batch)  # Eq. 14
+            metadata.update(distilled_batch=D_star, key=key)
+        return S_t, w_star, D_star, metadata
+
+    def _estimate(
+        self,
+        state: BilevelState,
+        train_batch: Batch,
+        val_batch: Batch,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> Estimate:
+        w, s, lam = state.params, state.inner_opt_state, state.hyperparams
+        S_t, w_star, D_star, metadata = self._distill(state, train_batch)
+        new = self.inner(w, s, lam, train_batch, train_loss_fn)  # w_t = Φ(w_{t-1}, λ; D_t)
+        val_loss, alpha, g_fo = validation_grads(val_loss_fn, new.params, lam, val_batch)
+        # v_t = α_t ∂Φ(w*_t, s_{t-1}, λ; D*_t)/∂λ, the inner state held fixed
+        v_t = self.inner.step_and_vjp(w_star, s, lam, D_star, train_loss_fn)[1](alpha)
+        if self.unit_direction and not output_depends_on(
+            val_loss_fn, 1, new.params, lam, val_batch
+        ):
+            norm = tree_norm(v_t)  # π* = 1: the unit direction (0 where v_t = 0)
+            hypergrad = tree_scale(jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0), v_t)
+        else:
+            hypergrad = tree_add(g_fo, tree_scale(state.metadata["theta"] * S_t, v_t))  # g_t
+        return Estimate(
+            hypergrad, new.params, new.inner_opt_state, new.train_loss, val_loss, metadata
+        )
+
+    @partial(jax.jit, static_argnums=(0, 3))
+    def inner_step(
+        self, state: BilevelState, train_batch: Batch, train_loss_fn: LossFn
+    ) -> BilevelState:
+        """An inner step without a hyper-update that still enters ``w*`` (and ``D*``) (jitted).
+
+        Between hyper-updates made every k inner steps, the skipped steps are part of the
+        trajectory the distilled point summarises: t, ``S_t``, ``w*_t`` (and ``D*_t``)
+        advance exactly as in :meth:`step`; λ stays as it is.
+
+        Args:
+          state: the current state.
+          train_batch: the batch ``D_t`` of the inner step.
+          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
+
+        Returns:
+          The new state, ``step`` and the episode step t + 1.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OnlineHypergradientOptimizer
+          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5)
+          >>> state = opt.init(jnp.ones(2), jnp.zeros(2))
+          >>> for _ in range(2):
+          ...     state = opt.inner_step(state, None, lambda w, lam, b: jnp.sum(w**2))
+          >>> state.metadata["w_star"], float(state.metadata["S_t"])  # (0.5·1 + 1·0)/1.5
+          (Array([0.33333334, 0.33333334], dtype=float32), 1.5)
+
+        References:
+          Lee et al., ICLR 2022, Eqs. 13 and 14.
+        """
+        metadata = self._distill(state, train_batch)[3]
+        state = super().inner_step(state, train_batch, train_loss_fn)
+        return state.update(metadata={**state.metadata, **metadata})
+
+    # -- Algorithm 4: θ ---------------------------------------------------------------------
+
+    def fit_theta(
+        self,
+        state: BilevelState,
+        train_batches: Batch,
+        val_batch: Batch,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> ThetaFit:
+        """Algorithm 4 (LinearEstimation) from ``state``, with the fit's samples.
+
+        With λ frozen: T inner steps from ``(state.params, state.inner_opt_state)`` (call it
+        at the start of an episode, so that these are ``φ`` and a fresh state), then a
+        backward pass that accumulates the second-order term ``g_SO(s)`` over the last s
+        steps (DrMAD, see ``theta_points``) and the backward EMA point (Eq. 17,
+        ``p_s = (1-γ^{s-1})/(1-γ^s)``), ``v_s = α_T ∂Φ(w*_s, s_{T-1}, λ; D*_s)/∂λ`` with
+        the fixed ``α_T``, ``x_s = ‖v_s‖ S_s``, ``y_s = (v_s/‖v_s‖)·g_SO(s)``, and
+        ``θ = (x·y)/(x·x)``. ``D*_s`` is ``D_T`` (the batch of the window's last step, as in
+        the online step) or, with ``distill_batch``, its backward mix (Eq. 14) drawn from
+        a key derived from the state's. One jitted program (both passes ``lax.scan``),
+        compiled once per optimizer and batch shape; about 3T VJPs.
+
+        Args:
+          state: a state of this optimizer; λ and the weights ``φ`` are read from it.
+          train_batches: T batches stacked along a leading axis (a list is stacked).
+          val_batch: the validation batch.
+          train_loss_fn, val_loss_fn: as for :meth:`step`.
+
+        Returns:
+          A :class:`ThetaFit` ``(theta, x, y, hypergrad)``: θ (the state's θ where every
+          ``v_s`` is zero and the fit is undefined), the samples ordered by s = 1..T, and
+          the backward pass's hypergradient ``g_FO + g_SO(T)``.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OnlineHypergradientOptimizer
+          >>> train = lambda w, lam, b: 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)
+          >>> val = lambda w, lam, b: 0.5 * jnp.sum((w - 1.0) ** 2)
+          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=2)
+          >>> fit = opt.fit_theta(opt.init(jnp.zeros(1), jnp.ones(1)), jnp.zeros((2, 1)),
+          ...                     None, train, val)
+          >>> fit.x, fit.y
+          (Array([0.125 , 0.1875], dtype=float32), Array([0.125 , 0.1875], dtype=float32))
+
+        References:
+          Lee et al., ICLR 2022, Algorithm 4 and Eq. 17; Fu et al., IJCAI 2016 (DrMAD).
+        """
+        batches = stack_batches(train_batches)
+        n = leading_axis_length(batches, "train_batches")
+        if n != self.T:
+            raise ValueError(
+                f"train_batches must hold T = {self.T} batches (the episode length), got {n}"
+            )
+        return self._fit_theta(state, batches, val_batch, train_loss_fn, val_loss_fn)
+
+    def estimate_theta(
+        self,
+        state: BilevelState,
+        train_batches: Batch,
+        val_batch: Batch,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> jax.Array:
+        """θ by Algorithm 4 (LinearEstimation), as a scalar array; see :meth:`fit_theta`.
+
+        Args:
+          state, train_batches, val_batch, train_loss_fn, val_loss_fn: as for
+            :meth:`fit_theta`.
+
+        Returns:
+          θ, a scalar array in the dtype of the weights; set it with :meth:`with_theta`.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OnlineHypergradientOptimizer
+          >>> train = lambda w, lam, b: 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)
+          >>> val = lambda w, lam, b: 0.5 * jnp.sum((w - 1.0) ** 2)
+          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=1)
+          >>> opt.estimate_theta(opt.init(jnp.zeros(1), jnp.ones(1)), jnp.zeros((1, 1)),
+          ...                    None, train, val)  # θ = 1 at T = 1
+          Array(1., dtype=float32)
+
+        References:
+          Lee et al., ICLR 2022, Algorithm 4.
+        """
+        return self.fit_theta(state, train_batches, val_batch, train_loss_fn, val_loss_fn).theta
+
+    @partial(jax.jit, static_argnums=(0, 4, 5))
+    def _fit_theta(self, state, train_batches, val_batch, train_loss_fn, val_loss_fn):
+        self._check_state(state)
+        key = None
+        if self.distill_batch:
+            key = jax.random.fold_in(state.metadata["key"], _ESTIMATION_SALT)
+        fit = linear_estimation(
+            self.inner,
+            self.gamma,
+            state.params,
+            state.inner_opt_state,
+            state.hyperparams,
+            train_batches,
+            val_batch,
+            train_loss_fn,
+            val_loss_fn,
+            stored=self.theta_points == "trajectory",
+            key=key,
+        )
+        # Every v_s = 0 leaves θ undefined (and irrelevant): keep the state's.
+        theta = jnp.where(jnp.dot(fit.x, fit.x) > 0, fit.theta, state.metadata["theta"])
+        return fit._replace(theta=theta.astype(state.metadata["theta"].dtype))
