@@ -413,3 +413,43 @@ def test_greedy_run_equals_hand_written_loop(x64):
     for x, y in zip(jax.tree.leaves(out.state), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
     np.testing.assert_array_equal(out.history["hyper_update"], [[0, 1, 0, 1], [0, 1, 0, 1]])
+
+
+def test_hyperdistill_theta_is_estimated_every_period_episodes():
+    from gradhpo import OnlineHypergradientOptimizer
+
+    train, val = logreg_data(seed=8)
+    opt = OnlineHypergradientOptimizer(optax.sgd(0.3), gamma=0.9, estimation_period=2, T=4)
+    state0 = opt.init(logreg_init(), jnp.full(5, -1.0))
+    batch = jax.tree.map(lambda a: a[:20], train)
+    seen = []
+    original = opt.episode_setup.__func__
+
+    class Spy(type(opt)):
+        def episode_setup(self, state, *args):
+            seen.append(1)  # traced once per compilation of the setup program
+            return original(self, state, *args)
+
+    out = run(
+        opt,
+        state0,
+        batch,
+        val,
+        l2_train_loss,
+        l2_val_loss,
+        num_episodes=5,
+        lr_hyper=0.05,
+        lr_reptile=1.0,
+        progress=False,
+    )
+    theta = np.asarray(out.history["theta"])
+    assert theta.shape == (5,)
+    # θ changes only at episodes 0, 2, 4 (Algorithm 3: m = 1, 1 + P, 1 + 2P, ...).
+    assert theta[1] == theta[0] and theta[3] == theta[2]
+    assert theta[2] != theta[1] and theta[4] != theta[3]
+    # Episode 0's θ is Algorithm 4 from φ = w_0 on the episode's T batches.
+    batches = jax.tree.map(lambda a: jnp.broadcast_to(a, (4, *a.shape)), batch)
+    expected = opt.estimate_theta(state0, batches, val, l2_train_loss, l2_val_loss)
+    np.testing.assert_allclose(theta[0], expected, rtol=1e-6)
+    assert int(out.state.step) == 20
+    del Spy, seen
