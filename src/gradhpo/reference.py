@@ -19,17 +19,15 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.flatten_util import ravel_pytree
 
 from gradhpo.core.inner import InnerStep, scalar_loss
-from gradhpo.core.types import Batch, LossFn, PyTree
+from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import leading_axis_length, stack_batches
 
 _STATIC = ("train_loss_fn", "val_loss_fn", "inner_optimizer", "update_fn", "checkpoint_every")
@@ -76,8 +74,8 @@ def unrolled_val_loss(
     train_loss_fn: LossFn,
     val_loss_fn: LossFn,
     *,
-    inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
-    update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
+    inner_optimizer: InnerOptimizer | None = None,
+    update_fn: UpdateFn | None = None,
     inner_opt_state: PyTree = None,
     checkpoint_every: int | None = None,
 ) -> jax.Array:
@@ -119,31 +117,19 @@ def unrolled_val_loss(
 
 
 def reverse_hypergradient(
-    params: PyTree,
-    hyperparams: PyTree,
-    train_batches: Batch,
-    val_batch: Batch,
-    train_loss_fn: LossFn,
-    val_loss_fn: LossFn,
-    *,
-    inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
-    update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
-    inner_opt_state: PyTree = None,
-    checkpoint_every: int | None = None,
+    params: PyTree, hyperparams: PyTree, *args: Any, **options: Any
 ) -> PyTree:
     """The exact hypergradient ``dL_val(w_T)/dλ`` by reverse mode through T inner steps.
 
     Args:
       params: the initial weights ``w_0`` (held constant).
       hyperparams: λ.
-      train_batches: T batches stacked along a leading axis (or a list of batches).
-      val_batch: the validation batch.
-      train_loss_fn, val_loss_fn: ``loss(params, hyperparams, batch) -> scalar``.
-      inner_optimizer, update_fn: the inner step, as for the optimizers.
-      inner_opt_state: the inner optimizer state ``s_0`` (default: a fresh ``init``).
-      checkpoint_every: ``K`` to rematerialise K-step segments in the backward pass: memory
-        O(P·(T/K + K)) instead of O(P·T), about one extra forward pass, still exact
-        (``K ≈ √T`` minimises memory).
+      *args, **options: the rest of :func:`unrolled_val_loss`'s arguments, in its order:
+        ``train_batches, val_batch, train_loss_fn, val_loss_fn`` and the keywords
+        ``inner_optimizer`` or ``update_fn``, ``inner_opt_state``, ``checkpoint_every``
+        (``K`` rematerialises K-step segments in the backward pass: memory O(P·(T/K + K))
+        instead of O(P·T), about one extra forward pass, still exact; ``K ≈ √T`` minimises
+        memory).
 
     Returns:
       A pytree shaped like ``hyperparams``.
@@ -161,31 +147,11 @@ def reverse_hypergradient(
     References:
       Maclaurin et al., ICML 2015; Franceschi et al., ICML 2017 (reverse-mode HO).
     """
-    return jax.grad(unrolled_val_loss)(
-        hyperparams,
-        params,
-        stack_batches(train_batches),
-        val_batch,
-        train_loss_fn,
-        val_loss_fn,
-        inner_optimizer=inner_optimizer,
-        update_fn=update_fn,
-        inner_opt_state=inner_opt_state,
-        checkpoint_every=checkpoint_every,
-    )
+    return jax.grad(unrolled_val_loss)(hyperparams, params, *args, **options)
 
 
 def forward_hypergradient(
-    params: PyTree,
-    hyperparams: PyTree,
-    train_batches: Batch,
-    val_batch: Batch,
-    train_loss_fn: LossFn,
-    val_loss_fn: LossFn,
-    *,
-    inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
-    update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
-    inner_opt_state: PyTree = None,
+    params: PyTree, hyperparams: PyTree, *args: Any, **options: Any
 ) -> PyTree:
     """The exact hypergradient by forward mode: one ``jax.jvp`` per scalar of λ.
 
@@ -194,19 +160,21 @@ def forward_hypergradient(
     trajectory. Equals :func:`reverse_hypergradient` to round-off; use it for small λ.
 
     Args:
-      params, hyperparams, train_batches, val_batch, train_loss_fn, val_loss_fn,
-      inner_optimizer, update_fn, inner_opt_state: as for :func:`reverse_hypergradient`.
+      params, hyperparams, *args, **options: as for :func:`reverse_hypergradient`
+        (``checkpoint_every`` has no use here: forward mode stores no trajectory).
 
     Returns:
       A pytree shaped like ``hyperparams``.
 
     Example:
-      >>> import jax.numpy as jnp, optax
-      >>> from gradhpo.reference import forward_hypergradient
-      >>> train = lambda w, lam, b: 0.5 * jnp.sum((w - lam) ** 2)
-      >>> val = lambda w, lam, b: 0.5 * jnp.sum(w**2)
-      >>> forward_hypergradient(jnp.zeros(1), jnp.ones(1), jnp.zeros((3, 1)), None,
-      ...                       train, val, inner_optimizer=optax.sgd(0.5))
+      >>> import jax.numpy as jnp, optax, gradhpo
+      >>> def train(w, lam, b):
+      ...     return 0.5 * jnp.sum((w - lam) ** 2)
+      >>> def val(w, lam, b):
+      ...     return 0.5 * jnp.sum(w**2)
+      >>> batches = jnp.zeros((3, 1))  # three steps (the batches are unused)
+      >>> gradhpo.forward_hypergradient(jnp.zeros(1), jnp.ones(1), batches, None, train, val,
+      ...                               inner_optimizer=optax.sgd(0.5))
       Array([0.765625], dtype=float32)
 
     References:
@@ -215,17 +183,7 @@ def forward_hypergradient(
     flat, unravel = ravel_pytree(hyperparams)
 
     def objective(flat_lam):
-        return unrolled_val_loss(
-            unravel(flat_lam),
-            params,
-            stack_batches(train_batches),
-            val_batch,
-            train_loss_fn,
-            val_loss_fn,
-            inner_optimizer=inner_optimizer,
-            update_fn=update_fn,
-            inner_opt_state=inner_opt_state,
-        )
+        return unrolled_val_loss(unravel(flat_lam), params, *args, **options)
 
     basis = jnp.eye(flat.size, dtype=flat.dtype)
     directional = jax.vmap(lambda u: jax.jvp(objective, (flat,), (u,))[1])(basis)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from gradhpo.core.base import BilevelOptimizer, Estimate
 from gradhpo.core.inner import validation_grads
-from gradhpo.core.state import BilevelState
-from gradhpo.core.types import Batch, LossFn
 from gradhpo.utils.dependence import output_depends_on
 from gradhpo.utils.tree import tree_add
 
@@ -41,14 +39,7 @@ class FOOptimizer(BilevelOptimizer):
       Luketina et al., ICML 2016; Lee et al., ICLR 2022 (the "FO" baseline).
     """
 
-    def _estimate(
-        self,
-        state: BilevelState,
-        train_batch: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-    ) -> Estimate:
+    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
         new = self.inner(w, s, lam, train_batch, train_loss_fn)
         if not output_depends_on(val_loss_fn, 1, new.params, lam, val_batch):
@@ -72,12 +63,12 @@ class OneStepOptimizer(BilevelOptimizer):
     one unrolled step.
 
     Args:
-      inner_optimizer, outer_optimizer, update_fn: see
-        :class:`~gradhpo.core.base.BilevelOptimizer`.
+      inner_optimizer, outer_optimizer, update_fn: the inner step and the outer update, as
+        for :class:`~gradhpo.core.base.BilevelOptimizer`.
 
     Example:
-      >>> import jax.numpy as jnp, optax
-      >>> from gradhpo import OneStepOptimizer
+      >>> import jax.numpy as jnp, optax, gradhpo
+      >>> OneStepOptimizer = gradhpo.OneStepOptimizer
       >>> train = lambda w, lam, b: jnp.sum((w - b) ** 2) + jnp.sum(lam * w**2)
       >>> val = lambda w, lam, b: jnp.sum((w - b) ** 2)
       >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
@@ -89,14 +80,7 @@ class OneStepOptimizer(BilevelOptimizer):
       Luketina et al., ICML 2016, Eq. 4 (T1-T2); Lee et al., ICLR 2022 (the "1-step" baseline).
     """
 
-    def _estimate(
-        self,
-        state: BilevelState,
-        train_batch: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-    ) -> Estimate:
+    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
         new, vjp_B = self.inner.step_and_vjp(w, s, lam, train_batch, train_loss_fn)
         val_loss, alpha, g_fo = validation_grads(val_loss_fn, new.params, lam, val_batch)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -32,7 +32,7 @@ import optax
 from gradhpo.core.base import BilevelOptimizer, Estimate
 from gradhpo.core.inner import validation_grads
 from gradhpo.core.state import BilevelState
-from gradhpo.core.types import Batch, LossFn, PyTree
+from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import leading_axis_length, stack_batches, tree_add, tree_scale
 
 
@@ -169,12 +169,12 @@ class GreedyOptimizer(BilevelOptimizer):
 
     def __init__(
         self,
-        inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
         outer_optimizer: optax.GradientTransformation | None = None,
         unroll_steps: int = 1,
         gamma: float = 0.9,
         *,
-        update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
+        update_fn: UpdateFn | None = None,
     ):
         if outer_optimizer is None:
             raise ValueError(
@@ -233,15 +233,7 @@ class GreedyOptimizer(BilevelOptimizer):
         """Inner steps one call of :meth:`step` takes: ``unroll_steps``."""
         return self.unroll_steps
 
-    def run_step(
-        self,
-        state: BilevelState,
-        train_batch: Batch | Stacked,
-        val_batch: Batch | Stacked,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-        lr_hyper: Any = None,
-    ) -> BilevelState:
+    def run_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper=None):
         """:meth:`step` with the training loops' uniform signature; ``lr_hyper`` must be None.
 
         Args:
@@ -279,14 +271,7 @@ class GreedyOptimizer(BilevelOptimizer):
             )
         return batch.batches
 
-    def _estimate(
-        self,
-        state: BilevelState,
-        train_batch: Batch | Stacked,
-        val_batch: Batch | Stacked,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-    ) -> Estimate:
+    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
         lam, gamma = state.hyperparams, self.gamma
         xs = (self._per_step(train_batch, "train_batch"), self._per_step(val_batch, "val_batch"))
         loss_dtype = state.metadata["train_loss"].dtype

@@ -18,7 +18,6 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from numbers import Real
 from typing import Any
@@ -38,7 +37,7 @@ from gradhpo.algorithms._hyperdistill import (
 from gradhpo.core.base import BilevelOptimizer, Estimate
 from gradhpo.core.inner import validation_grads
 from gradhpo.core.state import BilevelState
-from gradhpo.core.types import Batch, LossFn, PyTree
+from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.dependence import output_depends_on
 from gradhpo.utils.tree import leading_axis_length, stack_batches, tree_add, tree_norm, tree_scale
 
@@ -130,12 +129,12 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
 
     def __init__(
         self,
-        inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
         outer_optimizer: optax.GradientTransformation | None = None,
         gamma: float = 0.99,
         estimation_period: int = 50,
         T: int = 20,
-        update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
+        update_fn: UpdateFn | None = None,
         *,
         distill_batch: bool = False,
         unit_direction: bool = False,
@@ -265,11 +264,9 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
           A new :class:`~gradhpo.core.state.BilevelState`.
 
         Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo import OnlineHypergradientOptimizer
-          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.1))
-          >>> state = opt.init(jnp.zeros(2), jnp.zeros(2))
-          >>> state = opt.new_episode(state, jnp.ones(2))
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.1))
+          >>> state = opt.new_episode(opt.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones(2))
           >>> state.params, int(state.metadata["episode_step"])
           (Array([1., 1.], dtype=float32), 0)
         """
@@ -280,14 +277,7 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
         metadata["w_star"] = state.params
         return state.update(metadata=metadata)
 
-    def episode_setup(
-        self,
-        state: BilevelState,
-        train_batches: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-    ) -> BilevelState:
+    def episode_setup(self, state, train_batches, val_batch, train_loss_fn, val_loss_fn):
         """Algorithm 3, line 1: θ ← LinearEstimation, set in the state (traceable).
 
         The training loops call it at the start of every ``estimation_period``-th episode,
@@ -301,11 +291,12 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
           ``state`` with θ replaced by the new estimate.
 
         Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo import OnlineHypergradientOptimizer
-          >>> train = lambda w, lam, b: 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)
-          >>> val = lambda w, lam, b: 0.5 * jnp.sum((w - 1.0) ** 2)
-          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=2)
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> def train(w, lam, b):  # an isotropic quadratic: A = (1 - 0.5) I
+          ...     return 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)
+          >>> def val(w, lam, b):
+          ...     return 0.5 * jnp.sum((w - 1.0) ** 2)
+          >>> opt = gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=2)
           >>> state = opt.with_theta(opt.init(jnp.zeros(1), jnp.ones(1)), 0.3)
           >>> state = opt.episode_setup(state, jnp.zeros((2, 1)), None, train, val)
           >>> round(float(state.metadata["theta"]), 6)  # A = γI: θ = 1
@@ -332,14 +323,7 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
             metadata.update(distilled_batch=D_star, key=key)
         return S_t, w_star, D_star, metadata
 
-    def _estimate(
-        self,
-        state: BilevelState,
-        train_batch: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-    ) -> Estimate:
+    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
         S_t, w_star, D_star, metadata = self._distill(state, train_batch)
         new = self.inner(w, s, lam, train_batch, train_loss_fn)  # w_t = Φ(w_{t-1}, λ; D_t)
@@ -395,12 +379,7 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
     # -- Algorithm 4: θ ---------------------------------------------------------------------
 
     def fit_theta(
-        self,
-        state: BilevelState,
-        train_batches: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
+        self, state: BilevelState, train_batches, val_batch, train_loss_fn, val_loss_fn
     ) -> ThetaFit:
         """Algorithm 4 (LinearEstimation) from ``state``, with the fit's samples.
 
@@ -427,13 +406,12 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
           the backward pass's hypergradient ``g_FO + g_SO(T)``.
 
         Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo import OnlineHypergradientOptimizer
-          >>> train = lambda w, lam, b: 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)
-          >>> val = lambda w, lam, b: 0.5 * jnp.sum((w - 1.0) ** 2)
-          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=2)
-          >>> fit = opt.fit_theta(opt.init(jnp.zeros(1), jnp.ones(1)), jnp.zeros((2, 1)),
-          ...                     None, train, val)
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=2)
+          >>> quadratic = lambda w, lam, b: 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)  # L_train
+          >>> distance = lambda w, lam, b: 0.5 * jnp.sum((w - 1.0) ** 2)  # L_val
+          >>> state = opt.init(jnp.zeros(1), jnp.ones(1))
+          >>> fit = opt.fit_theta(state, jnp.zeros((2, 1)), None, quadratic, distance)
           >>> fit.x, fit.y
           (Array([0.125 , 0.1875], dtype=float32), Array([0.125 , 0.1875], dtype=float32))
 
@@ -449,12 +427,7 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
         return self._fit_theta(state, batches, val_batch, train_loss_fn, val_loss_fn)
 
     def estimate_theta(
-        self,
-        state: BilevelState,
-        train_batches: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
+        self, state: BilevelState, train_batches, val_batch, train_loss_fn, val_loss_fn
     ) -> jax.Array:
         """θ by Algorithm 4 (LinearEstimation), as a scalar array; see :meth:`fit_theta`.
 
@@ -466,13 +439,12 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
           θ, a scalar array in the dtype of the weights; set it with :meth:`with_theta`.
 
         Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo import OnlineHypergradientOptimizer
-          >>> train = lambda w, lam, b: 0.5 * jnp.sum(w**2) - jnp.sum(lam * w)
-          >>> val = lambda w, lam, b: 0.5 * jnp.sum((w - 1.0) ** 2)
-          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=1)
-          >>> opt.estimate_theta(opt.init(jnp.zeros(1), jnp.ones(1)), jnp.zeros((1, 1)),
-          ...                    None, train, val)  # θ = 1 at T = 1
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.5), T=1)
+          >>> state = opt.init(jnp.zeros(1), jnp.ones(1))
+          >>> logistic = lambda w, lam, b: jnp.sum(jnp.logaddexp(0.0, -w * lam))  # L_train
+          >>> opt.estimate_theta(state, jnp.zeros((1, 1)), None, logistic,
+          ...                    lambda w, lam, b: jnp.sum(w**2))  # θ = 1 at T = 1
           Array(1., dtype=float32)
 
         References:

@@ -33,7 +33,6 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,8 +43,7 @@ from jax.flatten_util import ravel_pytree
 
 from gradhpo.core.base import BilevelOptimizer, Estimate
 from gradhpo.core.inner import validation_grads
-from gradhpo.core.state import BilevelState
-from gradhpo.core.types import Batch, LossFn, PyTree
+from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import tree_add, tree_dot, tree_norm, tree_scale
 
 #: The finite-difference modes of :class:`T1T2Optimizer`.
@@ -187,9 +185,9 @@ class T1T2Optimizer(BilevelOptimizer):
 
     def __init__(
         self,
-        inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
         outer_optimizer: optax.GradientTransformation | None = None,
-        update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
+        update_fn: UpdateFn | None = None,
         *,
         fd: str | None = "weights",
         eps: float | None = None,
@@ -251,14 +249,7 @@ class T1T2Optimizer(BilevelOptimizer):
             )
         return xi
 
-    def _estimate(
-        self,
-        state: BilevelState,
-        train_batch: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-    ) -> Estimate:
+    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
         if self.fd is None:
             new, vjp_B = self.inner.step_and_vjp(w, s, lam, train_batch, train_loss_fn)

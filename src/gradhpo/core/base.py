@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import warnings
-from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -21,7 +20,7 @@ import optax
 
 from gradhpo.core.inner import InnerStep, check_matches
 from gradhpo.core.state import BilevelState
-from gradhpo.core.types import Batch, LossFn, PyTree
+from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import all_finite, tree_norm, tree_select
 
 #: Metadata keys written by every optimizer's ``step``.
@@ -102,9 +101,9 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
 
     def __init__(
         self,
-        inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
         outer_optimizer: optax.GradientTransformation | None = None,
-        update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
+        update_fn: UpdateFn | None = None,
     ):
         if outer_optimizer is not None and not isinstance(
             outer_optimizer, optax.GradientTransformation
@@ -222,12 +221,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
 
     @partial(jax.jit, static_argnums=(0, 4, 5))
     def compute_hypergradient(
-        self,
-        state: BilevelState,
-        train_batch: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
+        self, state: BilevelState, train_batch, val_batch, train_loss_fn, val_loss_fn
     ) -> PyTree:
         """The hypergradient that ``step`` would apply from ``state`` with the same batches.
 
@@ -250,14 +244,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         return self._estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn).hypergrad
 
     @abc.abstractmethod
-    def _estimate(
-        self,
-        state: BilevelState,
-        train_batch: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-    ) -> Estimate:
+    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
         """Take the inner step(s) and return the hypergradient ``step`` applies."""
 
     # -- hooks used by the training loops (gradhpo.training) --------------------------------
@@ -341,15 +328,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
             metadata=metadata,
         )
 
-    def run(
-        self,
-        state: BilevelState,
-        train_data: Any,
-        val_data: Any,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-        **options: Any,
-    ):
+    def run(self, state: BilevelState, train_data, val_data, train_loss_fn, val_loss_fn, **options):
         """Train for whole episodes: ``gradhpo.training.run(self, state, ...)``.
 
         Same arguments and options (``num_episodes``, ``episode_length``, ``lr_hyper``,
@@ -360,11 +339,12 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
           A :class:`gradhpo.training.RunResult`.
 
         Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo import OneStepOptimizer
-          >>> train = lambda w, lam, b: jnp.sum((w - b) ** 2) + jnp.sum(jnp.exp(lam) * w**2)
-          >>> val = lambda w, lam, b: jnp.sum((w - b) ** 2)
-          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> def val(w, lam, b):
+          ...     return jnp.sum((w - b) ** 2)
+          >>> def train(w, lam, b):
+          ...     return val(w, lam, b) + jnp.sum(jnp.exp(lam) * w**2)
+          >>> opt = gradhpo.OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
           >>> out = opt.run(opt.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones(2), jnp.ones(2),
           ...               train, val, episode_length=50, lr_hyper=0.5, progress=False)
           >>> int(out.state.step)
@@ -374,26 +354,11 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
 
         return run(self, state, train_data, val_data, train_loss_fn, val_loss_fn, **options)
 
-    def run_step(
-        self,
-        state: BilevelState,
-        train_batch: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-        lr_hyper: Any,
-    ) -> BilevelState:
+    def run_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper):
         """``step`` with the uniform signature the training loops use (see GreedyOptimizer)."""
         return self.step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper)
 
-    def episode_setup(
-        self,
-        state: BilevelState,
-        train_batches: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-    ) -> BilevelState:
+    def episode_setup(self, state, train_batches, val_batch, train_loss_fn, val_loss_fn):
         """Work done at the start of every ``episode_setup_period``-th episode (default: none).
 
         ``train_batches`` holds ``default_episode_length`` batches stacked along a leading

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradhpo.core.types import Batch, LossFn, PyTree
+from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 
 
 def check_scalar(name: str, value: Any) -> None:
@@ -87,8 +87,8 @@ class InnerStep:
 
     def __init__(
         self,
-        inner_optimizer: optax.GradientTransformation | Callable[[PyTree], Any] | None = None,
-        update_fn: Callable[[PyTree, PyTree, Batch], PyTree] | None = None,
+        inner_optimizer: InnerOptimizer | None = None,
+        update_fn: UpdateFn | None = None,
     ):
         if inner_optimizer is None and update_fn is None:
             raise ValueError(
@@ -132,14 +132,7 @@ class InnerStep:
             return None
         return self.transformation(hyperparams).init(params)
 
-    def __call__(
-        self,
-        params: PyTree,
-        inner_opt_state: PyTree,
-        hyperparams: PyTree,
-        batch: Batch,
-        train_loss_fn: LossFn,
-    ) -> InnerResult:
+    def __call__(self, params, inner_opt_state, hyperparams, batch, train_loss_fn) -> InnerResult:
         """One inner step: ``(w_t, s_t, L_train(w_{t-1}, λ; D_t))``."""
         if self.kind == "update_fn":
             loss = train_loss_fn(params, hyperparams, batch)
@@ -165,11 +158,11 @@ class InnerStep:
         The training gradient is evaluated once: the step is the forward pass of the VJP.
 
         Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo.core.inner import InnerStep
-          >>> phi = InnerStep(optax.sgd(0.5))
-          >>> loss = lambda w, lam, batch: 0.5 * jnp.sum(lam * w**2)
-          >>> w = jnp.ones(2); lam = jnp.array([1.0, 2.0])
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> phi = gradhpo.InnerStep(optax.sgd(0.5))
+          >>> def loss(w, lam, batch):
+          ...     return 0.5 * jnp.sum(lam * w**2)
+          >>> w, lam = jnp.ones(2), jnp.array([1.0, 2.0])
           >>> out, vjp_B = phi.step_and_vjp(w, phi.init(w, lam), lam, None, loss)
           >>> vjp_B(jnp.ones(2))  # ∂w'/∂λ_i = -0.5 w_i
           Array([-0.5, -0.5], dtype=float32)

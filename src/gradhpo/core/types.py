@@ -21,3 +21,6 @@ UpdateFn = Callable[[PyTree, PyTree, Batch], PyTree]
 
 OptimizerFactory = Callable[[PyTree], optax.GradientTransformation]
 """``factory(hyperparams) -> GradientTransformation``: an inner optimizer with tunable settings."""
+
+InnerOptimizer = optax.GradientTransformation | OptimizerFactory
+"""The inner optimizer: an optax transformation, or a factory of one from the hyperparameters."""
