@@ -38,6 +38,6 @@ def test_readme_set_up_commands_are_two():
     setup = text.split("## Set-up", 1)[1].split("## Quickstart", 1)[0]
     commands = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
     assert [c.strip() for c in commands] == [
-        'pip install -e ".[examples]" && python examples/logistic_l2.py',
+        'pip install -e ".[examples]" && gradhpo demo',
         'pip install -e ".[test]" && python -m pytest',
     ]

@@ -1,0 +1,322 @@
+"""The ``gradhpo`` command: every bench in --quick mode, the demo, bad input, the data."""
+
+import gzip
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradhpo
+from gradhpo.cli import BENCHES, main
+from gradhpo.experiments.cleaning import make_task
+from gradhpo.experiments.data import cleaning_split, digits, read_idx, write_idx
+from gradhpo.experiments.loop import train
+from gradhpo.experiments.methods import METHODS, ReverseModeOptimizer, Settings, build
+from gradhpo.experiments.metrics import auroc
+from gradhpo.experiments.report import parse_markdown_tables
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(argv):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return main(argv)
+
+
+def _check_outputs(out: pathlib.Path, stem: str) -> list[list[dict[str, str]]]:
+    """The report exists, holds parseable tables with a provenance line; the PNG is a PNG."""
+    md, png = out / f"{stem}.md", out / f"{stem}.png"
+    assert md.is_file() and png.is_file()
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+    text = md.read_text()
+    assert "Command: `gradhpo " in text and "Versions: gradhpo" in text
+    tables = parse_markdown_tables(text)
+    assert tables and all(tables)
+    return tables
+
+
+def _number(cell: str) -> float:
+    return float(cell.split(" ")[0].strip("(),%+"))
+
+
+# -- every bench, quick ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_bench_quick_writes_a_report_and_a_plot(name, tmp_path, capsys):
+    assert _run(["bench", name, "--quick", "--out", str(tmp_path), "--seed", "1"]) == 0
+    stem = "cleaning" if name == "cleaning" else name
+    tables = _check_outputs(tmp_path, stem)
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and f"{stem}.md" in printed
+    rows = [row for table in tables for row in table]
+    labels = {row.get("method", row.get("estimator", row.get("search"))) for row in rows}
+    if name in ("cleaning", "metalearning"):
+        assert {"no tuning", "Greedy", "HyperDistill", "exact (reverse mode)"} <= labels
+    if name == "cleaning":
+        assert any(label.startswith("random search") for label in labels)
+        for row in rows:  # mean ± interval of accuracies in percent
+            assert 0.0 <= _number(row["test acc (%)"]) <= 100.0
+    if name == "fidelity":
+        exact = [row for row in rows if row["method"] == "exact (reverse mode)"]
+        assert exact and all(
+            c.startswith("1.000 (1.00)") for r in exact for c in list(r.values())[2:]
+        )
+    if name == "cost":
+        assert len(tables) == 2 and "reverse_hypergradient" in labels
+        for row in tables[0]:
+            assert all(_number(v) > 0 for k, v in row.items() if k.startswith("T ="))
+    if name == "toys":
+        darts = tables[1]
+        assert len(darts) == 9
+        assert all(abs(float(r["λ reached"]) - float(r["w reached"])) < 0.05 for r in darts)
+
+
+def test_demo_tiny_table_and_plot(tmp_path, capsys):
+    assert _run(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    (table,) = _check_outputs(tmp_path, "demo")
+    assert [row["method"] for row in table][:2] == ["no tuning", "FO"]
+    assert len(table) == len(METHODS)
+    by = {row["method"]: row for row in table}
+    # the exact method's own hypergradient is the reference: cosine 1 is a real check
+    assert by["exact (reverse mode)"]["cosine with exact"] == "1.000"
+    assert by["FO"]["cosine with exact"] == "0.000"  # λ is not in the validation loss
+    assert by["no tuning"]["AUROC clean vs corrupted"] == "0.500"  # all weights equal
+    for row in table:
+        assert 0.0 <= float(row["test acc (%)"]) <= 100.0
+    assert "| method |" in capsys.readouterr().out
+
+
+def test_demo_test_split_never_enters_tuning():
+    """Poisoning the test split changes the reported accuracy and nothing else."""
+    x, y = digits()
+    data = cleaning_split(x, y, n_train=150, n_val=60, noise=0.3, seed=3)
+    assert len(data.test.y) == len(y) - 210  # the rest, disjoint from train and val
+    task, _ = make_task(data, "softmax", 3, batch_size=50)
+    poisoned = task._replace(
+        data={
+            **task.data,
+            "test": {
+                "x": jnp.full_like(task.data["test"]["x"], jnp.nan),
+                "y": jnp.full_like(task.data["test"]["y"], -1),
+            },
+        }
+    )
+    settings = Settings(T=3)
+    key = jax.random.PRNGKey(0)
+    for name in ("greedy", "hyperdistill"):
+        method = build(name, settings)
+        clean = train(method, task, settings.T, 4, key)
+        dirty = train(method, poisoned, settings.T, 4, key)
+        np.testing.assert_array_equal(clean.state.hyperparams, dirty.state.hyperparams)
+        np.testing.assert_array_equal(clean.history["val_loss"], dirty.history["val_loss"])
+        assert clean.history["test_acc"][-1] > 0.3 and dirty.history["test_acc"][-1] < 0.3
+
+
+def test_cleaning_split_is_disjoint_and_corrupts_the_asked_fraction():
+    x = np.arange(100.0)[:, None]
+    y = np.arange(100) % 10
+    d = cleaning_split(x, y, n_train=40, n_val=20, noise=0.5, seed=0)
+    ids = [set(s.x[:, 0].tolist()) for s in (d.train, d.val, d.test)]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert int(d.corrupted.sum()) == 20
+    assert np.all(d.train.y[d.corrupted] != d.train.clean_y[d.corrupted])
+    assert np.array_equal(d.val.y, d.val.clean_y) and np.array_equal(d.test.y, d.test.clean_y)
+
+
+# -- the IDX path (Fashion-MNIST / MNIST protocol) ---------------------------------------
+
+
+def _write_tiny_mnist(folder: pathlib.Path, n_train=80, n_test=30, side=8):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, (n, side, side)).astype(np.uint8)
+        images[:, labels % side, :] = 255  # a learnable pattern: a bright row per class
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+def test_cleaning_on_idx_files_reports_both_accuracies_and_the_paper(tmp_path):
+    _write_tiny_mnist(tmp_path / "mnist")
+    out = tmp_path / "out"
+    argv = [
+        "bench",
+        "cleaning",
+        "--quick",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "mnist"),
+        "--methods",
+        "none,t1t2,greedy",
+        "--out",
+        str(out),
+    ]
+    assert _run(argv) == 0
+    (table,) = _check_outputs(out, "cleaning")
+    by = {row["method"]: row for row in table}
+    assert by["Greedy"]["paper (tuning split)"] == "87.06"
+    assert by["no tuning"]["paper (tuning split)"] == "70.46"
+    assert by["IFT(5) (paper only)"]["paper (tuning split)"] == "71.97"
+    assert "acc on tuning split (%)" in by["Greedy"] and "One-Step" not in by
+    assert "conv net" in (out / "cleaning.md").read_text()
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "bench",
+                "cleaning",
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no folder" in err and "apt-get install dataset-fashion-mnist" in err
+    assert not (tmp_path / "out").exists()  # no work started
+
+
+def test_idx_reader_round_trips_and_rejects_bad_files(tmp_path):
+    for dtype in (np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64):
+        a = (np.arange(24) - 5).reshape(2, 3, 4).astype(dtype)
+        for name in ("a-idx3", "a-idx3.gz"):
+            write_idx(tmp_path / name, a)
+            b = read_idx(tmp_path / name)
+            assert b.dtype == a.dtype and np.array_equal(a, b)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + bytes(8))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    raw = gzip.decompress((tmp_path / "a-idx3.gz").read_bytes())
+    (tmp_path / "short").write_bytes(raw[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--outer-steps", "0"], "expected an integer >= 1"),
+        (["demo", "--noise", "1.5"], "expected a number in [0, 0.9]"),
+        (["demo", "--model", "resnet"], "invalid choice"),
+        (["bench", "nope"], "invalid choice"),
+        (["bench", "fidelity", "--gamma", "0"], "--gamma"),
+        (["bench", "cleaning", "--data-dir", "/tmp"], "only for --dataset"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_get_argparse_messages(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: gradhpo" in err and message in err
+
+
+def test_unwritable_output_folder_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "cost", "--quick", "--out", str(out)])
+        assert exc.value.code == 2
+        assert "output folder" in capsys.readouterr().err
+
+
+def test_python_dash_m_gradhpo_runs():
+    done = subprocess.run(
+        [sys.executable, "-m", "gradhpo", "bench", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    for name in BENCHES:
+        assert name in done.stdout
+
+
+# -- pieces ------------------------------------------------------------------------------
+
+
+def test_auroc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties
+    positive = rng.random(60) < 0.4
+    pos, neg = scores[positive], scores[~positive]
+    pairs = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    assert auroc(scores, positive) == pytest.approx(pairs.mean())
+
+
+def test_reverse_mode_optimizer_is_the_exact_reference(x64):
+    """With momentum (inner state differentiated through), it equals reverse_hypergradient."""
+    inner = optax.sgd(0.1, momentum=0.9)
+    opt = ReverseModeOptimizer(inner, optax.adam(0.1), unroll_steps=6)
+    rng = np.random.default_rng(0)
+    batches = jnp.asarray(rng.normal(size=(6, 3)))
+
+    def train_loss(w, lam, b):
+        return jnp.sum((w - b) ** 2 * jnp.exp(lam)) + jnp.sum(jnp.sin(w) * lam)
+
+    def val_loss(w, lam, b):
+        return jnp.sum((w - 1.0) ** 2)
+
+    state = opt.init(jnp.asarray(rng.normal(size=3)), jnp.asarray(rng.normal(size=3)))
+    state = opt.step(state, gradhpo.Stacked(batches), None, train_loss, val_loss)
+    got = opt.compute_hypergradient(state, gradhpo.Stacked(batches), None, train_loss, val_loss)
+    want = gradhpo.reverse_hypergradient(
+        state.params,
+        state.hyperparams,
+        batches,
+        None,
+        train_loss,
+        val_loss,
+        inner_optimizer=inner,
+        inner_opt_state=state.inner_opt_state,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert int(state.step) == 6
+
+
+def test_import_gradhpo_stays_light():
+    code = (
+        "import sys, gradhpo; heavy = {'matplotlib', 'sklearn', 'tqdm', 'optuna', "
+        "'gradhpo.experiments', 'gradhpo.cli'} & set(sys.modules); print(sorted(heavy))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]"
+
+
+def test_reverse_mode_optimizer_runs_in_the_training_loop():
+    from gradhpo.training import run
+
+    opt = ReverseModeOptimizer(optax.sgd(0.1), optax.sgd(0.5), unroll_steps=4)
+    train_loss = lambda w, lam, b: jnp.sum((w - b) ** 2) + jnp.sum(jnp.exp(lam) * w**2)  # noqa: E731
+    val_loss = lambda w, lam, b: jnp.sum((w - b) ** 2)  # noqa: E731
+    state = opt.init(jnp.zeros(2), jnp.zeros(2))
+    result = run(
+        opt,
+        state,
+        jnp.ones(2),
+        jnp.ones(2),
+        train_loss,
+        val_loss,
+        num_episodes=3,
+        episode_length=2,
+        progress=False,
+    )
+    assert int(result.state.step) == 3 * 2 * 4
+    assert bool(jnp.all(result.state.hyperparams < 0))  # L2 hurts the fit: strengths fall
