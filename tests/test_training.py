@@ -444,3 +444,33 @@ def test_hyperdistill_theta_is_estimated_every_period_episodes():
     expected = opt.estimate_theta(state0, batches, val, l2_train_loss, l2_val_loss)
     np.testing.assert_allclose(theta[0], expected, rtol=1e-6)
     assert int(out.state.step) == 20
+
+
+def test_hyperdistill_window_restarts_each_episode_without_weight_restarts():
+    from gradhpo import OnlineHypergradientOptimizer
+
+    train, val = logreg_data(seed=9)
+    opt = OnlineHypergradientOptimizer(optax.sgd(0.3), gamma=0.9, estimation_period=100, T=4)
+    state0 = opt.init(logreg_init(), jnp.full(5, -1.0))
+    out = run(
+        opt,
+        state0,
+        train,
+        val,
+        l2_train_loss,
+        l2_val_loss,
+        num_episodes=3,
+        lr_hyper=0.05,
+        progress=False,
+    )
+    assert int(out.state.metadata["episode_step"]) == 4  # the horizon stays T
+    assert int(out.state.step) == 12
+    # The weights carried on: the same as 12 steps with windows begun by hand.
+    batches = jax.tree.map(lambda a: jnp.broadcast_to(a, (4, *a.shape)), train)
+    state = opt.episode_setup(state0, batches, val, l2_train_loss, l2_val_loss)  # θ, episode 0
+    for _ in range(3):
+        state = opt.begin_window(state)
+        for _ in range(4):
+            state = opt.step(state, train, val, l2_train_loss, l2_val_loss, 0.05)
+    for x, y in zip(jax.tree.leaves(out.state.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -270,7 +270,22 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
           >>> state.params, int(state.metadata["episode_step"])
           (Array([1., 1.], dtype=float32), 0)
         """
-        state = super().new_episode(state, params)
+        return self.begin_window(super().new_episode(state, params))
+
+    def begin_window(self, state: BilevelState) -> BilevelState:
+        """Restart the episode's bookkeeping only: t = 0, ``S_0 = 0``, ``w* = w`` (traceable).
+
+        The weights and the inner optimizer state carry on (unlike :meth:`new_episode`), so
+        in a long run without restarts the estimate keeps targeting a horizon of T steps
+        instead of drifting towards ``1/(1-γ)``.
+
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.1), T=5)
+          >>> state = opt.init(jnp.ones(2), jnp.zeros(2))
+          >>> int(opt.begin_window(state).metadata["episode_step"])
+          0
+        """
         metadata = dict(state.metadata)
         metadata["episode_step"] = jnp.zeros_like(metadata["episode_step"])
         metadata["S_t"] = jnp.zeros_like(metadata["S_t"])

@@ -286,6 +286,21 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
             params=params, inner_opt_state=self.inner.init(params, state.hyperparams)
         )
 
+    def begin_window(self, state: BilevelState) -> BilevelState:
+        """Start a new estimation window with the weights carrying on (default: no change).
+
+        HyperDistill restarts its step index, ``S_t`` and EMA point here, so that its horizon
+        stays T in a long run without weight restarts. Traceable.
+
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.FOOptimizer(inner_optimizer=optax.sgd(0.1))
+          >>> state = opt.init(jnp.zeros(2), jnp.zeros(2))
+          >>> opt.begin_window(state) is state
+          True
+        """
+        return state
+
     @partial(jax.jit, static_argnums=(0, 3))
     def inner_step(
         self, state: BilevelState, train_batch: Batch, train_loss_fn: LossFn

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradhpo.algorithms.greedy import Stacked
-from gradhpo.algorithms.online import OnlineHypergradientOptimizer
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import Batch, LossFn, PyTree
 from gradhpo.experiments.methods import Method
@@ -95,13 +94,7 @@ def _begin_window(method: Method, state: BilevelState) -> BilevelState:
     method. The weights and the inner optimizer state (momentum) carry on, unlike
     ``new_episode``, which restarts them for episodic tasks.
     """
-    if not isinstance(method.opt, OnlineHypergradientOptimizer):
-        return state
-    md = dict(state.metadata)
-    md["episode_step"] = jnp.zeros_like(md["episode_step"])
-    md["S_t"] = jnp.zeros_like(md["S_t"])
-    md["w_star"] = state.params
-    return state.update(metadata=md)
+    return method.opt.begin_window(state)
 
 
 def _hold_all(method: Method, state, batches, train_loss):

@@ -191,8 +191,7 @@ class _Loop:
 
     def host_episode(self, state, phi, key, call_index):
         opt, config = self.opt, self.config
-        if config.restart:
-            state = opt.new_episode(state, phi)
+        state = opt.new_episode(state, phi) if config.restart else opt.begin_window(state)
         records = []
         for key_t in jax.random.split(key, config.episode_length):
             k_train, k_val = jax.random.split(key_t)
@@ -292,9 +291,10 @@ def run(
     from a meta-initialisation φ, updated after the episode by Reptile,
     ``φ ← φ - lr_reptile (φ - w_T)`` (1 means ``φ ← w_T``, 0 a fixed restart point) — as
     HyperDistill's Algorithm 3 does; without it the run is one long trajectory cut into
-    episodes for logging. An optimizer with an ``episode_setup_period`` P (HyperDistill: its
-    ``estimation_period``) runs its setup (θ estimation) at episodes 0, P, 2P, … on
-    ``episode_length`` freshly drawn batches.
+    episodes, each opening a new estimation window (``begin_window``: HyperDistill's horizon
+    restarts, the weights carry on). An optimizer with an ``episode_setup_period`` P
+    (HyperDistill: its ``estimation_period``) runs its setup (θ estimation) at episodes
+    0, P, 2P, … on ``episode_length`` freshly drawn batches.
 
     Data: a :class:`~gradhpo.training.data.Sampler` or a fixed batch runs every episode as
     one compiled ``lax.scan``; a callable ``() -> batch`` or an iterator runs one jitted call

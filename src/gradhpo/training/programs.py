@@ -119,8 +119,7 @@ def episode_scan(
     lr_reptile: Any,
 ):
     """One episode as one ``lax.scan`` (jittable data). Returns (state, φ, step records)."""
-    if config.restart:
-        state = opt.new_episode(state, phi)
+    state = opt.new_episode(state, phi) if config.restart else opt.begin_window(state)
 
     def body(state, key_t):
         k_train, k_val = jax.random.split(key_t)
