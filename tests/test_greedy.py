@@ -368,13 +368,24 @@ def test_fifty_step_horizon_compiles_once():
     assert int(state.metadata["skipped_inner_updates"]) == 0
 
 
-def test_training_loop_hooks():
+def test_step_is_apply_of_estimate_and_run_refuses_hyper_update_every():
+    from gradhpo.training import run
+
     T = 3
     _, val, batches, _ = data(T)
     opt = GreedyOptimizer(inner_factory, optax.sgd(0.1), unroll_steps=T)
     state = opt.init(logreg_init(), hyper0())
-    assert opt.steps_per_call == T
     args = (Stacked(batches), val, train_loss, val_loss)
-    assert_tree_close(opt.run_step(state, *args, None), opt.step(state, *args), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="takes no lr_hyper"):
-        opt.run_step(state, *args, 0.1)
+    by_hand = jax.jit(lambda s, w: opt.apply(s, opt.estimate(s, w, *args[1:]), None))
+    assert_tree_close(by_hand(state, args[0]), opt.step(state, *args), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="hyper_update_every=2 conflicts with GreedyOptimizer"):
+        run(
+            opt,
+            state,
+            at(batches, 0),
+            val,
+            train_loss,
+            val_loss,
+            episode_length=2,
+            hyper_update_every=2,
+        )

@@ -149,19 +149,22 @@ def test_backward_pass_adjoint_runs_through_the_inner_optimizer_state(x64):
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9, 1.0])
-def test_ema_point_equals_its_closed_form_also_past_T(x64, gamma):
+def test_ema_point_equals_its_closed_form_and_restarts_every_T(x64, gamma):
     batches, val, w0, lam = logreg_setup(T=7)
     opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=gamma, T=3)
     state = opt.init(w0, lam)
-    points = []  # w_0 .. w_{t-1}
-    for t in range(1, 8):  # four steps past T: t keeps counting
+    points = []  # w_0 .. w_{t-1} of the current horizon of T steps
+    for n in range(1, 8):  # past T the distilled point restarts by itself: t = 1, 2, 3, 1, ...
+        t = (n - 1) % 3 + 1
+        if t == 1:
+            points = []
         points.append(state.params)
-        state = opt.step(state, at(batches, t - 1), val, l2_train_loss, l2_val_loss, 0.1)
+        state = opt.step(state, at(batches, n - 1), val, l2_train_loss, l2_val_loss, 0.1)
         S_t = closed_form_S(gamma, t)
         weights = np.array([gamma ** (t - i) / S_t for i in range(1, t + 1)])
         expected = jax.tree.map(lambda *ws, c=weights: jnp.tensordot(c, jnp.stack(ws), 1), *points)
-        assert rel_err(state.metadata["w_star"], expected) < 1e-13, t
-        assert int(state.metadata["episode_step"]) == t == int(state.step)
+        assert rel_err(state.metadata["w_star"], expected) < 1e-13, n
+        assert int(state.metadata["episode_step"]) == n == int(state.step)
         np.testing.assert_allclose(state.metadata["S_t"], S_t, rtol=1e-14)
 
 
@@ -356,9 +359,7 @@ def test_step_and_estimation_compile_once():
     def episodes(state, seed, n):
         for m in range(n):
             bs = train_batches(train, 3, seed=seed + m)
-            state = opt.episode_setup(
-                opt.new_episode(state, w0), bs, val, l2_train_loss, l2_val_loss
-            )
+            state = opt.refit_theta(opt.new_episode(state, w0), bs, val, l2_train_loss, l2_val_loss)
             for t in range(4):  # one step past T
                 b = at(bs, t % 3)
                 state = opt.step(state, b, val, l2_train_loss, l2_val_loss, 0.1 / (t + 1))
@@ -403,9 +404,9 @@ def test_estimate_theta_accepts_a_list_of_batches(x64):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"gamma": -0.1}, "gamma must be in"),
-        ({"gamma": 1.5}, "gamma must be in"),
-        ({"gamma": float("nan")}, "gamma must be in"),
+        ({"gamma": -0.1}, "gamma must be a number in"),
+        ({"gamma": 1.5}, "gamma must be a number in"),
+        ({"gamma": float("nan")}, "gamma must be a number in"),
         ({"T": 0}, "T must be an int >= 1"),
         ({"T": 2.5}, "T must be an int >= 1"),
         ({"estimation_period": 0}, "estimation_period must be an int >= 1"),

@@ -78,7 +78,7 @@ def test_scan_run_equals_hand_written_loop(x64, k):
     for x, y in zip(jax.tree.leaves(out.state), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-13, atol=1e-15)
     assert int(out.state.step) == 18
-    assert out.history["val_loss"].shape == (3, 6)
+    assert out.history["val_loss"].shape == (3, 6 // k)  # one record per hyper-update
     np.testing.assert_array_equal(out.history["hyper_update"].sum(), 18 // k)
 
 
@@ -296,11 +296,15 @@ def test_iterator_that_runs_out_is_a_clear_error():
 
 def test_progress_bar_is_off_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
-    assert loop_module._progress_enabled(None) is False
-    assert loop_module._progress_enabled(True) is True
+    from gradhpo.training.progress import progress_enabled
+
+    assert progress_enabled(None) is False
+    assert progress_enabled(True) is True
+    monkeypatch.setenv("CI", "on")  # the benches and the library share one policy
+    assert progress_enabled(None) is False
     monkeypatch.delenv("CI")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert loop_module._progress_enabled(None) is True
+    assert progress_enabled(None) is True
 
 
 def test_callback_and_history():
@@ -393,7 +397,6 @@ def test_greedy_run_equals_hand_written_loop(x64):
         l2_val_loss,
         num_episodes=2,
         episode_length=4,
-        hyper_update_every=2,
         key=key,
         progress=False,
     )
@@ -403,16 +406,22 @@ def test_greedy_run_equals_hand_written_loop(x64):
         for key_t in jax.random.split(k_run, 4):
             k_train, _ = jax.random.split(key_t)
             batches = jax.vmap(sampler)(jax.random.split(k_train, 3))
-            if (int(state.step) // 3 + 1) % 2 == 0:
-                state = opt.step(state, Stacked(batches), val, l2_train_loss, l2_val_loss)
-            else:
-                for b in range(3):
-                    one = jax.tree.map(lambda a, b=b: a[b], batches)
-                    state = opt.inner_step(state, one, l2_train_loss)
+            state = opt.step(state, Stacked(batches), val, l2_train_loss, l2_val_loss)
     assert int(out.state.step) == 24
     for x, y in zip(jax.tree.leaves(out.state), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
-    np.testing.assert_array_equal(out.history["hyper_update"], [[0, 1, 0, 1], [0, 1, 0, 1]])
+    np.testing.assert_array_equal(out.history["hyper_update"], np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="conflicts with GreedyOptimizer"):
+        run(
+            opt,
+            state0,
+            sampler,
+            val,
+            l2_train_loss,
+            l2_val_loss,
+            episode_length=4,
+            hyper_update_every=2,
+        )
 
 
 def test_hyperdistill_theta_is_estimated_every_period_episodes():
@@ -463,14 +472,13 @@ def test_hyperdistill_window_restarts_each_episode_without_weight_restarts():
         lr_hyper=0.05,
         progress=False,
     )
-    assert int(out.state.metadata["episode_step"]) == 4  # the horizon stays T
+    # The horizon stays T: the distilled point restarted by itself every T = 4 steps.
+    np.testing.assert_allclose(out.state.metadata["S_t"], (1 - 0.9**4) / (1 - 0.9), rtol=1e-6)
     assert int(out.state.step) == 12
-    # The weights carried on: the same as 12 steps with windows begun by hand.
+    # The weights carried on: the same as 12 steps of step() after θ's refit.
     batches = jax.tree.map(lambda a: jnp.broadcast_to(a, (4, *a.shape)), train)
-    state = opt.episode_setup(state0, batches, val, l2_train_loss, l2_val_loss)  # θ, episode 0
-    for _ in range(3):
-        state = opt.begin_window(state)
-        for _ in range(4):
-            state = opt.step(state, train, val, l2_train_loss, l2_val_loss, 0.05)
+    state = opt.refit_theta(state0, batches, val, l2_train_loss, l2_val_loss)  # θ, episode 0
+    for _ in range(12):
+        state = opt.step(state, train, val, l2_train_loss, l2_val_loss, 0.05)
     for x, y in zip(jax.tree.leaves(out.state.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -2,14 +2,23 @@
 
 Short-horizon hypergradient estimators (HyperDistill, T1-T2 with DARTS finite differences,
 generalized Greedy, First-Order, One-Step) behind one ``BilevelOptimizer`` interface, and the
-exact references (reverse and forward mode through the unrolled inner loop) that measure them.
+exact references (reverse and forward mode through the unrolled inner loop, and exact reverse
+mode as an optimizer) that measure them.
 """
 
 from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
-from gradhpo.algorithms.greedy import GreedyOptimizer, Stacked
+from gradhpo.algorithms.exact import ReverseModeOptimizer
+from gradhpo.algorithms.greedy import GreedyOptimizer
 from gradhpo.algorithms.online import OnlineHypergradientOptimizer
 from gradhpo.algorithms.t1t2 import T1T2Optimizer
-from gradhpo.core.base import BilevelOptimizer
+from gradhpo.core.base import (
+    BilevelOptimizer,
+    Estimate,
+    OnlineOptimizer,
+    Refit,
+    WindowOptimizer,
+)
+from gradhpo.core.batches import Stacked
 from gradhpo.core.inner import InnerStep
 from gradhpo.core.state import BilevelState
 from gradhpo.reference import forward_hypergradient, reverse_hypergradient, unrolled_val_loss
@@ -19,13 +28,18 @@ __version__ = "0.1.0"
 __all__ = [
     "BilevelOptimizer",
     "BilevelState",
+    "Estimate",
     "FOOptimizer",
     "GreedyOptimizer",
     "InnerStep",
     "OneStepOptimizer",
     "OnlineHypergradientOptimizer",
+    "OnlineOptimizer",
+    "Refit",
+    "ReverseModeOptimizer",
     "Stacked",
     "T1T2Optimizer",
+    "WindowOptimizer",
     "__version__",
     "forward_hypergradient",
     "reverse_hypergradient",

@@ -1,7 +1,7 @@
 """Exact hypergradients through an unrolled inner loop: the ground truth for every estimator.
 
 With ``w_t = Φ(w_{t-1}, λ; D_t)`` for ``t = 1..T`` (the inner optimizer state included) the
-exact hypergradient of ``L_val(w_T(λ), λ)`` is (SPEC Part 2, item 1)::
+exact hypergradient of ``L_val(w_T(λ), λ)`` is (Lee et al. 2022, Eqs. 2-3)::
 
     dL/dλ = ∂L_val(w_T, λ)/∂λ + α_T Σ_t (A_T ··· A_{t+1}) B_t,   α_T = ∇_w L_val(w_T, λ)
 
@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import numbers
 from functools import partial
 from typing import Any
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from gradhpo.core.batches import Stacked
 from gradhpo.core.inner import InnerStep, scalar_loss
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import leading_axis_length, stack_batches
@@ -33,34 +35,11 @@ from gradhpo.utils.tree import leading_axis_length, stack_batches
 _STATIC = ("train_loss_fn", "val_loss_fn", "inner_optimizer", "update_fn", "checkpoint_every")
 
 
-def _scan_steps(phi: InnerStep, carry, hyperparams, batches, train_loss_fn, checkpoint_every):
-    """Run the inner steps over stacked ``batches``; remat segments of ``checkpoint_every``."""
-
-    def body(carry, batch):
-        out = phi(carry[0], carry[1], hyperparams, batch, train_loss_fn)
-        return (out.params, out.inner_opt_state), out.train_loss
-
-    if checkpoint_every is None:
-        return jax.lax.scan(body, carry, batches)[0]
-    T = leading_axis_length(batches, "train_batches")
-    K = checkpoint_every
-    n_seg, rem = divmod(T, K)
-
-    @jax.checkpoint
-    def segment(carry, seg_batches):
-        return jax.lax.scan(body, carry, seg_batches)[0], None
-
-    if n_seg:
-        head = jax.tree.map(lambda x: x[: n_seg * K].reshape((n_seg, K, *x.shape[1:])), batches)
-        carry = jax.lax.scan(segment, carry, head)[0]
-    if rem:
-        carry = segment(carry, jax.tree.map(lambda x: x[n_seg * K :], batches))[0]
-    return carry
-
-
 def _check_checkpoint(checkpoint_every: Any) -> None:
     if checkpoint_every is not None and (
-        not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, numbers.Integral)
+        or checkpoint_every < 1
     ):
         raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
 
@@ -110,10 +89,15 @@ def unrolled_val_loss(
     leading_axis_length(batches, "train_batches")
     if inner_opt_state is None:
         inner_opt_state = phi.init(params, jax.lax.stop_gradient(hyperparams))
-    w_T, _ = _scan_steps(
-        phi, (params, inner_opt_state), hyperparams, batches, train_loss_fn, checkpoint_every
+    out, _ = phi.unroll(
+        params,
+        inner_opt_state,
+        hyperparams,
+        Stacked(batches),
+        train_loss_fn,
+        checkpoint_every=checkpoint_every,
     )
-    return scalar_loss("val_loss_fn", val_loss_fn)(w_T, hyperparams, val_batch)
+    return scalar_loss("val_loss_fn", val_loss_fn)(out.params, hyperparams, val_batch)
 
 
 def reverse_hypergradient(

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gradhpo.core.batches import Stacked
 from gradhpo.core.inner import InnerStep, check_matches, validation_grads
 from gradhpo.core.types import Batch, LossFn, PyTree
 from gradhpo.utils.tree import leading_axis_length, tree_add, tree_dot, tree_norm
@@ -202,11 +203,11 @@ def linear_estimation(
     T = leading_axis_length(train_batches, "train_batches")
     lam = hyperparams
 
-    def forward(carry, batch):
-        out = inner(*carry, lam, batch, train_loss_fn)
-        return (out.params, out.inner_opt_state), carry if stored else None
-
-    (w_T, s_T), trajectory = jax.lax.scan(forward, (params, inner_opt_state), train_batches)
+    window = Stacked(train_batches)
+    out, trajectory = inner.unroll(
+        params, inner_opt_state, lam, window, train_loss_fn, trajectory=stored
+    )
+    w_T, s_T = out.params, out.inner_opt_state
     _, alpha_T, g_fo = validation_grads(val_loss_fn, w_T, lam, val_batch)
 
     def point(t, stored_point):  # (w_{t-1}, s_{t-1}) of step t
@@ -215,7 +216,7 @@ def linear_estimation(
         frac = (t - 1) / T  # DrMAD interpolation
         return lerp(1 - frac, (params, inner_opt_state), (w_T, s_T))
 
-    last = jax.tree.map(lambda x: x[T - 1], train_batches)  # D_T
+    last = window.last()  # D_T
     s_last = point(T, jax.tree.map(lambda x: x[T - 1], trajectory))[1]  # ŝ_{T-1}
     dtype = jnp.result_type(*jax.tree.leaves(params))
 

@@ -7,13 +7,13 @@ References:
 
 from __future__ import annotations
 
-from gradhpo.core.base import BilevelOptimizer, Estimate
+from gradhpo.core.base import Estimate, MemorylessOnlineOptimizer
 from gradhpo.core.inner import validation_grads
 from gradhpo.utils.dependence import output_depends_on
 from gradhpo.utils.tree import tree_add
 
 
-class FOOptimizer(BilevelOptimizer):
+class FOOptimizer(MemorylessOnlineOptimizer):
     """First-order hypergradient: ``g = g_FO = ∂L_val(w_t, λ)/∂λ``, ignoring the trajectory.
 
     After the inner step ``w_t = Φ(w_{t-1}, λ; D_t)``, λ moves along the *direct* gradient of
@@ -39,7 +39,7 @@ class FOOptimizer(BilevelOptimizer):
       Luketina et al., ICML 2016; Lee et al., ICLR 2022 (the "FO" baseline).
     """
 
-    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
+    def _estimate_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn):
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
         new = self.inner(w, s, lam, train_batch, train_loss_fn)
         if not output_depends_on(val_loss_fn, 1, new.params, lam, val_batch):
@@ -53,7 +53,7 @@ class FOOptimizer(BilevelOptimizer):
         return Estimate(g_fo, new.params, new.inner_opt_state, new.train_loss, val_loss)
 
 
-class OneStepOptimizer(BilevelOptimizer):
+class OneStepOptimizer(MemorylessOnlineOptimizer):
     """One-Step hypergradient: ``g = g_FO + α_t B_t``.
 
     With ``w_t = Φ(w_{t-1}, λ; D_t)``, ``α_t = ∇_w L_val(w_t, λ)`` (the validation gradient at
@@ -80,7 +80,7 @@ class OneStepOptimizer(BilevelOptimizer):
       Luketina et al., ICML 2016, Eq. 4 (T1-T2); Lee et al., ICLR 2022 (the "1-step" baseline).
     """
 
-    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
+    def _estimate_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn):
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
         new, vjp_B = self.inner.step_and_vjp(w, s, lam, train_batch, train_loss_fn)
         val_loss, alpha, g_fo = validation_grads(val_loss_fn, new.params, lam, val_batch)

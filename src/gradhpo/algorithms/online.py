@@ -19,7 +19,6 @@ References:
 from __future__ import annotations
 
 from functools import partial
-from numbers import Real
 from typing import Any
 
 import jax
@@ -34,10 +33,11 @@ from gradhpo.algorithms._hyperdistill import (
     mix_batches,
     num_examples,
 )
-from gradhpo.core.base import BilevelOptimizer, Estimate
+from gradhpo.core._checks import positive_int, real_in
+from gradhpo.core.base import Estimate, OnlineOptimizer, Refit
 from gradhpo.core.inner import validation_grads
 from gradhpo.core.state import BilevelState
-from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
+from gradhpo.core.types import Batch, InnerOptimizer, PyTree, UpdateFn
 from gradhpo.utils.dependence import output_depends_on
 from gradhpo.utils.tree import leading_axis_length, stack_batches, tree_add, tree_norm, tree_scale
 
@@ -50,13 +50,7 @@ _DISTILL_KEYS = ("distilled_batch", "key")
 _ESTIMATION_SALT = 0x7E7A
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-class OnlineHypergradientOptimizer(BilevelOptimizer):
+class OnlineHypergradientOptimizer(OnlineOptimizer):
     """HyperDistill (Lee et al., 2022): online hypergradients ``g_t = g_FO + θ S_t v_t``.
 
     One call of :meth:`step` is step t of the current episode (Algorithm 3)::
@@ -71,14 +65,15 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
     ``state.metadata`` (keys ``"episode_step"``, ``"S_t"``, ``"w_star"``, ``"theta"``,
     ``"distilled_batch"``, ``"key"``), so ``step`` compiles once for every t, θ and γ-limit.
     With a stateful inner optimizer (momentum, Adam), ``∂Φ(w*_t, ...)/∂λ`` holds the
-    current inner state ``s_{t-1}`` fixed (SPEC Part 2, item 5): at γ = 0 and θ = 1 this is
-    exactly :class:`~gradhpo.algorithms.baselines.OneStepOptimizer`.
+    current inner state ``s_{t-1}`` fixed: at γ = 0 and θ = 1 this is exactly
+    :class:`~gradhpo.algorithms.baselines.OneStepOptimizer`.
 
-    Episodes: :meth:`new_episode` starts one (t = 0, fresh inner optimizer state, optionally
-    new weights ``φ``); :meth:`with_theta` sets θ, for instance from :meth:`estimate_theta`
-    at the start of every ``estimation_period``-th episode. ``step`` does not stop at T:
-    past the end of an episode t keeps counting and ``w*_t``, ``S_t`` follow the same
-    formulas (``S_t → 1/(1-γ)``), as if the episode were longer.
+    Episodes: the distilled point covers T inner steps. It restarts by itself every T
+    accepted inner steps (``t - 1 = episode_step mod T``), so a long run without weight
+    restarts keeps targeting a horizon of T, and :meth:`new_episode` (weights ``φ``, a fresh
+    inner optimizer state, ``episode_step = 0``) restarts it too. :meth:`with_theta` sets θ,
+    for instance from :meth:`estimate_theta`; the training loops refit it every
+    ``estimation_period`` episodes through the optimizer's ``refit`` record.
 
     Args:
       inner_optimizer, outer_optimizer, update_fn: see
@@ -88,9 +83,10 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
         quadratic of curvature k (``A_t = γI`` with γ = 1 - ηk) and B affine in w, ``g_t``
         with θ = 1 is the exact reverse-mode hypergradient of the first t steps.
       estimation_period: re-estimate θ every this many episodes (50 in the paper): the
-        training loops call :meth:`episode_setup` at episodes 0, P, 2P, ...
-      T: the episode length (the loops' default) and the number of batches
-        :meth:`estimate_theta` takes.
+        training loops call :meth:`refit_theta` at episodes 0, P, 2P, ...
+      T: the horizon of the distilled point (it restarts every T inner steps), the
+        number of batches :meth:`estimate_theta` takes, and the loops' default episode
+        length.
       distill_batch: also distill the batches (Eq. 14). ``init`` then needs
         ``example_batch`` (a batch of the shape every ``train_batch`` will have).
       unit_direction: where λ does not enter ``L_val`` (``g_FO ≡ 0``, decided from the
@@ -140,20 +136,18 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
         unit_direction: bool = False,
         theta_points: str = "interpolated",
     ):
-        if isinstance(gamma, bool) or not isinstance(gamma, Real) or not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        gamma = real_in("gamma", gamma, 0.0, 1.0)
         if theta_points not in _THETA_POINTS:
             raise ValueError(f"theta_points must be one of {_THETA_POINTS}, got {theta_points!r}")
         super().__init__(inner_optimizer, outer_optimizer, update_fn)
         self.gamma = float(gamma)
-        self.estimation_period = _positive_int("estimation_period", estimation_period)
-        self.T = _positive_int("T", T)
+        self.estimation_period = positive_int("estimation_period", estimation_period)
+        self.T = positive_int("T", T)
         self.distill_batch = bool(distill_batch)
         self.unit_direction = bool(unit_direction)
         self.theta_points = theta_points
-        # Hooks of the training loops: episodes of T steps, θ every estimation_period.
-        self.default_episode_length = self.T
-        self.episode_setup_period = self.estimation_period
+        # Algorithm 3, line 1: the loops refit θ every estimation_period episodes.
+        self.refit = Refit(self.estimation_period, self.T, self.refit_theta)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -213,7 +207,6 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
     def _init_metadata(self, params: PyTree, hyperparams: PyTree) -> dict[str, Any]:
         dtype = jnp.result_type(*jax.tree.leaves(params))
         return {
-            "episode_step": jnp.zeros((), jnp.int32),  # t
             "S_t": jnp.zeros((), dtype),
             "w_star": params,
             "theta": jnp.ones((), dtype),
@@ -247,56 +240,12 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
         old = state.metadata["theta"]
         return state.update(metadata={**state.metadata, "theta": jnp.asarray(theta, old.dtype)})
 
-    @partial(jax.jit, static_argnums=0)
-    def new_episode(self, state: BilevelState, params: PyTree | None = None) -> BilevelState:
-        """Start an episode: t = 0, a fresh inner optimizer state, weights ``φ`` (jitted).
-
-        ``S_t`` returns to 0, so the first step has ``p_1 = 0`` and ``w*_1 = φ``, ``D*_1 = D_1``
-        whatever ``w*`` and ``D*`` held (``w*`` is set to φ here for inspection). λ, θ, the
-        outer optimizer state, the PRNG key and the global ``state.step`` carry over.
-
-        Args:
-          state: a state of this optimizer.
-          params: the episode's initial weights ``w_0 = φ`` (the Reptile point of
-            Algorithm 3); default: continue from ``state.params``.
-
-        Returns:
-          A new :class:`~gradhpo.core.state.BilevelState`.
-
-        Example:
-          >>> import jax.numpy as jnp, optax, gradhpo
-          >>> opt = gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.1))
-          >>> state = opt.new_episode(opt.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones(2))
-          >>> state.params, int(state.metadata["episode_step"])
-          (Array([1., 1.], dtype=float32), 0)
-        """
-        return self.begin_window(super().new_episode(state, params))
-
-    def begin_window(self, state: BilevelState) -> BilevelState:
-        """Restart the episode's bookkeeping only: t = 0, ``S_0 = 0``, ``w* = w`` (traceable).
-
-        The weights and the inner optimizer state carry on (unlike :meth:`new_episode`), so
-        in a long run without restarts the estimate keeps targeting a horizon of T steps
-        instead of drifting towards ``1/(1-γ)``.
-
-        Example:
-          >>> import jax.numpy as jnp, optax, gradhpo
-          >>> opt = gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.1), T=5)
-          >>> state = opt.init(jnp.ones(2), jnp.zeros(2))
-          >>> int(opt.begin_window(state).metadata["episode_step"])
-          0
-        """
-        metadata = dict(state.metadata)
-        metadata["episode_step"] = jnp.zeros_like(metadata["episode_step"])
-        metadata["S_t"] = jnp.zeros_like(metadata["S_t"])
-        metadata["w_star"] = state.params
-        return state.update(metadata=metadata)
-
-    def episode_setup(self, state, train_batches, val_batch, train_loss_fn, val_loss_fn):
+    def refit_theta(self, state, train_batches, val_batch, train_loss_fn, val_loss_fn):
         """Algorithm 3, line 1: θ ← LinearEstimation, set in the state (traceable).
 
-        The training loops call it at the start of every ``estimation_period``-th episode,
-        after :meth:`new_episode`, so that Algorithm 4 starts from the episode's ``φ``.
+        The function of this optimizer's ``refit`` record: the training loops call it at the
+        start of every ``estimation_period``-th episode, after the episode's restart, so
+        that Algorithm 4 starts from the episode's ``φ``.
 
         Args:
           state, train_batches, val_batch, train_loss_fn, val_loss_fn: as for
@@ -313,7 +262,7 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
           ...     return 0.5 * jnp.sum((w - 1.0) ** 2)
           >>> opt = gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5, T=2)
           >>> state = opt.with_theta(opt.init(jnp.zeros(1), jnp.ones(1)), 0.3)
-          >>> state = opt.episode_setup(state, jnp.zeros((2, 1)), None, train, val)
+          >>> state = opt.refit_theta(state, jnp.zeros((2, 1)), None, train, val)
           >>> round(float(state.metadata["theta"]), 6)  # A = γI: θ = 1
           1.0
 
@@ -325,22 +274,28 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
 
     # -- Algorithm 3: one online step -------------------------------------------------------
 
-    def _distill(self, state: BilevelState, train_batch: Batch):
-        """Eqs. 13-14 at step t: ``(S_t, w*_t, D*_t)`` and the metadata entries they update."""
+    def _track(self, state: BilevelState, train_batch: Batch) -> dict[str, Any]:
+        """Eqs. 13-14 at step t: ``S_t``, ``w*_t`` (and ``D*_t``), restarting every T steps.
+
+        ``t - 1 = episode_step mod T``: at t = 1 the normaliser restarts (``S_0 = 0``, so
+        ``p_1 = 0``, ``w*_1 = w_0``, ``D*_1 = D_1``), whatever the state held before.
+        """
         md = state.metadata
-        S_t, p_t = ema_weights(self.gamma, md["S_t"])  # p_t = (γ - γ^t)/(1 - γ^t)
-        w_star = lerp(p_t, md["w_star"], state.params)  # Eq. 13
-        metadata = {"episode_step": md["episode_step"] + 1, "S_t": S_t, "w_star": w_star}
-        D_star = train_batch
+        restart = md["episode_step"] % self.T == 0
+        S_prev = jnp.where(restart, jnp.zeros_like(md["S_t"]), md["S_t"])
+        S_t, p_t = ema_weights(self.gamma, S_prev)  # p_t = (γ - γ^t)/(1 - γ^t)
+        metadata = {"S_t": S_t, "w_star": lerp(p_t, md["w_star"], state.params)}  # Eq. 13
         if self.distill_batch:
             key, subkey = jax.random.split(md["key"])
             D_star = mix_batches(subkey, p_t, md["distilled_batch"], train_batch)  # Eq. 14
             metadata.update(distilled_batch=D_star, key=key)
-        return S_t, w_star, D_star, metadata
+        return metadata
 
-    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
+    def _estimate_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn):
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
-        S_t, w_star, D_star, metadata = self._distill(state, train_batch)
+        metadata = self._track(state, train_batch)
+        S_t, w_star = metadata["S_t"], metadata["w_star"]
+        D_star = metadata.get("distilled_batch", train_batch)
         new = self.inner(w, s, lam, train_batch, train_loss_fn)  # w_t = Φ(w_{t-1}, λ; D_t)
         val_loss, alpha, g_fo = validation_grads(val_loss_fn, new.params, lam, val_batch)
         # v_t = α_t ∂Φ(w*_t, s_{t-1}, λ; D*_t)/∂λ, the inner state held fixed
@@ -355,41 +310,6 @@ class OnlineHypergradientOptimizer(BilevelOptimizer):
         return Estimate(
             hypergrad, new.params, new.inner_opt_state, new.train_loss, val_loss, metadata
         )
-
-    @partial(jax.jit, static_argnums=(0, 3))
-    def inner_step(
-        self, state: BilevelState, train_batch: Batch, train_loss_fn: LossFn
-    ) -> BilevelState:
-        """An inner step without a hyper-update that still enters ``w*`` (and ``D*``) (jitted).
-
-        Between hyper-updates made every k inner steps, the skipped steps are part of the
-        trajectory the distilled point summarises: t, ``S_t``, ``w*_t`` (and ``D*_t``)
-        advance exactly as in :meth:`step`; λ stays as it is.
-
-        Args:
-          state: the current state.
-          train_batch: the batch ``D_t`` of the inner step.
-          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
-
-        Returns:
-          The new state, ``step`` and the episode step t + 1.
-
-        Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo import OnlineHypergradientOptimizer
-          >>> opt = OnlineHypergradientOptimizer(optax.sgd(0.5), gamma=0.5)
-          >>> state = opt.init(jnp.ones(2), jnp.zeros(2))
-          >>> for _ in range(2):
-          ...     state = opt.inner_step(state, None, lambda w, lam, b: jnp.sum(w**2))
-          >>> state.metadata["w_star"], float(state.metadata["S_t"])  # (0.5·1 + 1·0)/1.5
-          (Array([0.33333334, 0.33333334], dtype=float32), 1.5)
-
-        References:
-          Lee et al., ICLR 2022, Eqs. 13 and 14.
-        """
-        metadata = self._distill(state, train_batch)[3]
-        state = super().inner_step(state, train_batch, train_loss_fn)
-        return state.update(metadata={**state.metadata, **metadata})
 
     # -- Algorithm 4: θ ---------------------------------------------------------------------
 

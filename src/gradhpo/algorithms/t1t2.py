@@ -41,7 +41,8 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from gradhpo.core.base import BilevelOptimizer, Estimate
+from gradhpo.core._checks import positive_int
+from gradhpo.core.base import Estimate, MemorylessOnlineOptimizer
 from gradhpo.core.inner import validation_grads
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import tree_add, tree_dot, tree_norm, tree_scale
@@ -121,7 +122,7 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
     return value
 
 
-class T1T2Optimizer(BilevelOptimizer):
+class T1T2Optimizer(MemorylessOnlineOptimizer):
     """T1-T2 hypergradient ``g_FO + α_T B_T`` with ``α_T B_T`` by DARTS finite differences.
 
     One inner step ``w_T = Φ(w_{T-1}, λ; D_T)`` (T1), then one hyper-update with
@@ -201,8 +202,7 @@ class T1T2Optimizer(BilevelOptimizer):
             eps = _positive("eps", eps)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
             raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk_size = positive_int("chunk_size", chunk_size)
         if xi is not None:
             if fd != "weights":
                 raise ValueError(
@@ -249,7 +249,7 @@ class T1T2Optimizer(BilevelOptimizer):
             )
         return xi
 
-    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
+    def _estimate_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn):
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
         if self.fd is None:
             new, vjp_B = self.inner.step_and_vjp(w, s, lam, train_batch, train_loss_fn)

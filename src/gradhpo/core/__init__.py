@@ -1,6 +1,13 @@
-"""Core: the state, the optimizer base class, the inner step, type aliases."""
+"""Core: the state, the window seam (base classes), batches, the inner step, type aliases."""
 
-from gradhpo.core.base import BilevelOptimizer, Estimate
+from gradhpo.core.base import (
+    BilevelOptimizer,
+    Estimate,
+    OnlineOptimizer,
+    Refit,
+    WindowOptimizer,
+)
+from gradhpo.core.batches import Stacked
 from gradhpo.core.inner import InnerResult, InnerStep, validation_grads
 from gradhpo.core.state import BilevelState
 
@@ -10,5 +17,9 @@ __all__ = [
     "Estimate",
     "InnerResult",
     "InnerStep",
+    "OnlineOptimizer",
+    "Refit",
+    "Stacked",
+    "WindowOptimizer",
     "validation_grads",
 ]

@@ -1,16 +1,28 @@
-"""``BilevelOptimizer``: the interface of every algorithm and the machinery they share.
+"""The seam every estimator and loop meets at: one window of inner steps, one hyper-update.
 
-An algorithm supplies one method, :meth:`BilevelOptimizer._estimate`, which takes an inner
-step and returns the hypergradient it would apply. Everything else is written once here:
-building Φ (:class:`~gradhpo.core.inner.InnerStep`), the outer update (plain gradient
-descent with a traced ``lr_hyper``, or an optax ``outer_optimizer``), the non-finite guards
-and their counters, the per-step metrics, and input validation.
+An estimator implements one method, ``estimate(state, window, val_batch, tl, vl)``: the k
+inner steps of the window with λ fixed and the hypergradient at its end, as an
+:class:`Estimate`. Everything else is written once here: building Φ
+(:class:`~gradhpo.core.inner.InnerStep`), :meth:`BilevelOptimizer.apply` (the guarded
+inner and outer updates, counters, metrics), input validation, and the two families'
+``step`` signatures:
+
+* :class:`OnlineOptimizer` (FO, One-Step, T1-T2, HyperDistill): ``step(..., lr_hyper)`` is
+  one inner step and one hyper-update; a window of k steps is k - 1 guarded
+  :meth:`~OnlineOptimizer.inner_step` calls and then the estimator's own last step;
+* :class:`WindowOptimizer` (Greedy, exact reverse mode): ``step(...)`` without
+  ``lr_hyper`` covers the optimizer's ``unroll_steps`` in one compiled scan.
+
+``step`` and ``compute_hypergradient`` are two views of one ``estimate``, so the
+hypergradient ``compute_hypergradient`` returns is the one ``step`` applies.
 """
 
 from __future__ import annotations
 
 import abc
 import warnings
+import weakref
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -18,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradhpo.core._checks import lr_hyper_rule, positive_int
+from gradhpo.core.batches import Stacked, as_window
 from gradhpo.core.inner import InnerStep, check_matches
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
@@ -27,19 +41,29 @@ from gradhpo.utils.tree import all_finite, tree_norm, tree_select
 METRIC_KEYS = ("train_loss", "val_loss", "hypergrad_norm")
 #: Counters of updates skipped by the non-finite guards.
 COUNTER_KEYS = ("skipped_hyper_updates", "skipped_inner_updates")
+#: Inner steps accepted since the episode began (``new_episode`` sets it to 0).
+EPISODE_KEY = "episode_step"
+
+# Warnings already given, per optimizer (the optimizers themselves are never mutated).
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Estimate(NamedTuple):
-    """What an algorithm's estimator hands to the shared update.
+    """What an estimator hands to :meth:`BilevelOptimizer.apply`.
 
     Attributes:
       hypergrad: the hypergradient to apply (same pytree as the hyperparameters).
-      params: the inner weights after the step(s).
-      inner_opt_state: the inner optimizer state after the step(s).
-      train_loss: the training loss of the (last) inner step, before it.
+      params: the inner weights at the end of the window.
+      inner_opt_state: the inner optimizer state at the end of the window.
+      train_loss: the training loss of the window's last inner step, before it.
       val_loss: the validation loss at the new weights.
-      metadata: algorithm-specific metadata values to store (keys created by ``init``).
-      num_steps: how many inner steps were taken (``state.step`` advances by this).
+      metadata: algorithm-specific metadata values to store (keys created by ``init``);
+        written only where the inner update is accepted.
+      num_steps: the inner steps the estimate covers after ``origin`` (``state.step``
+        advances by this).
+      origin: the state the covered steps start from, when the estimator already took
+        (guarded) inner steps before them; ``None`` means the state given to ``apply``.
+        A non-finite update reverts to it.
     """
 
     hypergrad: PyTree
@@ -49,6 +73,27 @@ class Estimate(NamedTuple):
     val_loss: jax.Array
     metadata: dict[str, Any] | None = None
     num_steps: int = 1
+    origin: BilevelState | None = None
+
+
+class Refit(NamedTuple):
+    """A declarative record of episodic work that needs fresh data (HyperDistill's θ).
+
+    The training loops read it: at episodes 0, ``every``, 2·``every``, … (after the
+    episode's restart), they draw ``num_batches`` training batches and one validation
+    batch and replace the state with ``fn(state, train_batches, val_batch, tl, vl)``.
+    The optimizer never reaches into the loop.
+
+    Attributes:
+      every: the period in episodes (≥ 1).
+      num_batches: how many training batches ``fn`` takes (stacked along a leading axis).
+      fn: ``fn(state, train_batches, val_batch, train_loss_fn, val_loss_fn) -> state``,
+        traceable.
+    """
+
+    every: int
+    num_batches: int
+    fn: Callable[..., BilevelState]
 
 
 class _ImmutableAfterInit(abc.ABCMeta):
@@ -76,18 +121,22 @@ def _float_tree(name: str, tree: PyTree) -> PyTree:
     return tree
 
 
-def _metric_dtype(params: PyTree):
-    return jnp.result_type(*jax.tree.leaves(params))
+def _cast_like(old: PyTree, new: PyTree) -> PyTree:
+    return jax.tree.map(lambda o, v: jnp.asarray(v, jnp.result_type(o)), old, new)
+
+
+def _val_of_last_step(val_batch: Batch | Stacked) -> Batch:
+    return val_batch.last() if isinstance(val_batch, Stacked) else val_batch
 
 
 class BilevelOptimizer(metaclass=_ImmutableAfterInit):
-    """Base class of every gradhpo algorithm: ``init`` / ``step`` / ``compute_hypergradient``.
+    """Base class of every gradhpo algorithm: ``init`` / ``estimate`` / ``apply``.
 
     Args:
       inner_optimizer: the inner optimizer, an ``optax.GradientTransformation`` or a function
         ``hyperparams -> GradientTransformation`` (to tune its learning rate, momentum, ...).
       outer_optimizer: an optional ``optax.GradientTransformation`` that updates λ from the
-        hypergradient. Without it, ``step`` does plain gradient descent with ``lr_hyper``.
+        hypergradient. Without it, the update is plain gradient descent with ``lr_hyper``.
       update_fn: instead of ``inner_optimizer``, a custom inner step
         ``update_fn(params, hyperparams, batch) -> new_params``.
 
@@ -98,6 +147,9 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
     Optimizers are immutable after construction: assigning an attribute raises, because a
     compiled ``step`` would silently keep the old value.
     """
+
+    #: Episodic work the training loops run (HyperDistill: θ every ``estimation_period``).
+    refit: Refit | None = None
 
     def __init__(
         self,
@@ -116,7 +168,6 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         self.inner_optimizer = inner_optimizer
         self.update_fn = update_fn
         self.outer_optimizer = outer_optimizer
-        self._warned: set[str] = set()
 
     def __setattr__(self, name: str, value: Any) -> None:
         if getattr(self, "_frozen", False):
@@ -148,13 +199,13 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
           >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
           >>> state = opt.init(jnp.zeros(3), jnp.ones(3))
           >>> int(state.step), sorted(state.metadata)[:3]
-          (0, ['hypergrad_norm', 'skipped_hyper_updates', 'skipped_inner_updates'])
+          (0, ['episode_step', 'hypergrad_norm', 'skipped_hyper_updates'])
         """
         params = _float_tree("params", params)
         hyperparams = _float_tree("hyperparams", hyperparams)
-        dtype = _metric_dtype(params)
+        dtype = jnp.result_type(*jax.tree.leaves(params))
         metadata = {key: jnp.full((), jnp.nan, dtype) for key in METRIC_KEYS}
-        metadata.update({key: jnp.zeros((), jnp.int32) for key in COUNTER_KEYS})
+        metadata.update({key: jnp.zeros((), jnp.int32) for key in (*COUNTER_KEYS, EPISODE_KEY)})
         metadata.update(self._init_metadata(params, hyperparams))
         outer_state = None
         if self.outer_optimizer is not None:
@@ -172,95 +223,12 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         """Algorithm-specific metadata entries (every key ``step`` will write)."""
         return {}
 
-    # -- the public step ------------------------------------------------------------------
-
-    @partial(jax.jit, static_argnums=(0, 4, 5))
-    def step(
-        self,
-        state: BilevelState,
-        train_batch: Batch,
-        val_batch: Batch,
-        train_loss_fn: LossFn,
-        val_loss_fn: LossFn,
-        lr_hyper: float | jax.Array | None,
-    ) -> BilevelState:
-        """One inner step of the weights and one hyper-update of λ.
-
-        Jitted with ``self``, ``train_loss_fn`` and ``val_loss_fn`` static; ``lr_hyper`` is
-        traced, so a new value (a decaying schedule) never recompiles.
-
-        Args:
-          state: the current state (from :meth:`init` or a previous ``step``).
-          train_batch: the batch ``D_t`` of the inner step.
-          val_batch: the validation batch.
-          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
-          val_loss_fn: ``L_val(params, hyperparams, batch) -> scalar``.
-          lr_hyper: step size of gradient descent on λ; must be ``None`` when the optimizer
-            has an ``outer_optimizer`` (which then makes the update).
-
-        Returns:
-          The new state: weights and λ updated, ``step`` + 1, metrics in ``metadata``. A
-          non-finite hypergradient (or inner update) is skipped and counted in
-          ``metadata["skipped_hyper_updates"]`` (``"skipped_inner_updates"``).
-
-        Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo import OneStepOptimizer
-          >>> train = lambda w, lam, b: jnp.sum((w - b) ** 2) + jnp.sum(jnp.exp(lam) * w**2)
-          >>> val = lambda w, lam, b: jnp.sum((w - b) ** 2)
-          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
-          >>> state = opt.init(jnp.zeros(2), jnp.zeros(2))
-          >>> for _ in range(3):
-          ...     state = opt.step(state, jnp.ones(2), jnp.ones(2), train, val, 0.5)
-          >>> int(state.step), bool(jnp.all(state.hyperparams < 0))
-          (3, True)
-        """
-        self._check_state(state)
-        estimate = self._estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
-        return self._apply(state, estimate, lr_hyper)
-
-    @partial(jax.jit, static_argnums=(0, 4, 5))
-    def compute_hypergradient(
-        self, state: BilevelState, train_batch, val_batch, train_loss_fn, val_loss_fn
-    ) -> PyTree:
-        """The hypergradient that ``step`` would apply from ``state`` with the same batches.
-
-        Args:
-          state, train_batch, val_batch, train_loss_fn, val_loss_fn: as for :meth:`step`.
-
-        Returns:
-          A pytree shaped like ``state.hyperparams``.
-
-        Example:
-          >>> import jax.numpy as jnp, optax
-          >>> from gradhpo import FOOptimizer
-          >>> opt = FOOptimizer(inner_optimizer=optax.sgd(0.1))
-          >>> state = opt.init(jnp.ones(2), jnp.ones(2))
-          >>> opt.compute_hypergradient(state, None, None,
-          ...     lambda w, lam, b: jnp.sum(w**2), lambda w, lam, b: jnp.sum(lam * w))
-          Array([0.8, 0.8], dtype=float32)
-        """
-        self._check_state(state)
-        return self._estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn).hypergrad
-
-    @abc.abstractmethod
-    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
-        """Take the inner step(s) and return the hypergradient ``step`` applies."""
-
-    # -- hooks used by the training loops (gradhpo.training) --------------------------------
-
-    #: Inner steps one call of ``step`` takes (GreedyOptimizer: ``unroll_steps``).
-    steps_per_call: int = 1
-    #: The default episode length in ``step`` calls (HyperDistill: its ``T``), or None.
-    default_episode_length: int | None = None
-    #: Run :meth:`episode_setup` at episodes 0, P, 2P, ... (HyperDistill: θ estimation).
-    episode_setup_period: int | None = None
-
     @partial(jax.jit, static_argnums=0)
     def new_episode(self, state: BilevelState, params: PyTree | None = None) -> BilevelState:
-        """Start an episode: weights ``φ`` and a fresh inner optimizer state (jitted).
+        """Start an episode: weights ``φ``, a fresh inner optimizer state, ``episode_step`` 0.
 
-        λ, the outer optimizer state, metadata and the global ``state.step`` carry over.
+        λ, the outer optimizer state, the other metadata and the global ``state.step``
+        carry over (jitted).
 
         Args:
           state: a state of this optimizer.
@@ -275,111 +243,138 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
           >>> from gradhpo import OneStepOptimizer
           >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1, momentum=0.9))
           >>> state = opt.new_episode(opt.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones(2))
-          >>> state.params
-          Array([1., 1.], dtype=float32)
+          >>> state.params, int(state.metadata["episode_step"])
+          (Array([1., 1.], dtype=float32), 0)
         """
         if params is None:
             params = state.params
         check_matches("params", state.params, params)
-        params = jax.tree.map(lambda p, old: jnp.asarray(p, old.dtype), params, state.params)
+        params = _cast_like(state.params, params)
+        metadata = {**state.metadata, EPISODE_KEY: jnp.zeros((), jnp.int32)}
         return state.update(
-            params=params, inner_opt_state=self.inner.init(params, state.hyperparams)
+            params=params,
+            inner_opt_state=self.inner.init(params, state.hyperparams),
+            metadata=metadata,
         )
 
-    def begin_window(self, state: BilevelState) -> BilevelState:
-        """Start a new estimation window with the weights carrying on (default: no change).
+    # -- the seam -------------------------------------------------------------------------
 
-        HyperDistill restarts its step index, ``S_t`` and EMA point here, so that its horizon
-        stays T in a long run without weight restarts. Traceable.
+    @abc.abstractmethod
+    def estimate(
+        self,
+        state: BilevelState,
+        window: Stacked | Batch,
+        val_batch: Batch | Stacked,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> Estimate:
+        """The inner steps of ``window`` with λ fixed, and the hypergradient at its end.
 
-        Example:
-          >>> import jax.numpy as jnp, optax, gradhpo
-          >>> opt = gradhpo.FOOptimizer(inner_optimizer=optax.sgd(0.1))
-          >>> state = opt.init(jnp.zeros(2), jnp.zeros(2))
-          >>> opt.begin_window(state) is state
-          True
+        Pure and traceable (call it inside ``jax.jit``). ``window`` is a
+        :class:`~gradhpo.Stacked` window (one batch per inner step) or one batch, which is
+        a window of one step for an online optimizer and of ``unroll_steps`` steps (the
+        batch reused) for a window optimizer.
         """
-        return state
 
-    @partial(jax.jit, static_argnums=(0, 3))
-    def inner_step(
-        self, state: BilevelState, train_batch: Batch, train_loss_fn: LossFn
+    def apply(
+        self, state: BilevelState, estimate: Estimate, lr_hyper: float | jax.Array | None
     ) -> BilevelState:
-        """One inner step Φ with λ left as it is: no hypergradient, no hyper-update (jitted).
+        """Apply an :class:`Estimate`: guarded inner and outer updates, counters, metrics.
 
-        Used between hyper-updates when they are made only every k inner steps. The
-        non-finite guard applies; ``metadata["train_loss"]`` is updated, the validation
-        metrics keep their last values.
+        A non-finite new weight or inner optimizer state keeps the weights, the inner state
+        and the algorithm's metadata as they were (``"skipped_inner_updates"`` + 1); a
+        non-finite hypergradient, λ or outer optimizer state keeps λ and the outer state
+        (``"skipped_hyper_updates"`` + 1). Traceable.
 
         Args:
-          state: the current state.
-          train_batch: the batch of the inner step.
-          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
+          state: the state ``estimate`` was computed from.
+          estimate: what :meth:`estimate` returned.
+          lr_hyper: step size of gradient descent on λ; ``None`` when the optimizer has an
+            ``outer_optimizer`` (which then makes the update).
 
         Returns:
-          The new state, ``step`` + 1.
+          The new state.
 
         Example:
           >>> import jax.numpy as jnp, optax
           >>> from gradhpo import OneStepOptimizer
-          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.5))
-          >>> state = opt.init(jnp.ones(2), jnp.zeros(2))
-          >>> state = opt.inner_step(state, None, lambda w, lam, b: jnp.sum(w**2))
-          >>> state.params, int(state.step)
-          (Array([0., 0.], dtype=float32), 1)
+          >>> def train(w, lam, b):
+          ...     return jnp.sum((w - b) ** 2) + jnp.sum(jnp.exp(lam) * w**2)
+          >>> def val(w, lam, b):
+          ...     return jnp.sum((w - b) ** 2)
+          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
+          >>> state = opt.init(jnp.zeros(2), jnp.zeros(2))
+          >>> est = opt.estimate(state, jnp.ones(2), jnp.ones(2), train, val)
+          >>> new = opt.apply(state, est, 0.5)
+          >>> bool(jnp.all(new.hyperparams == state.hyperparams - 0.5 * est.hypergrad))
+          True
         """
-        self._check_state(state)
-        new = self.inner(
-            state.params, state.inner_opt_state, state.hyperparams, train_batch, train_loss_fn
-        )
-        ok = all_finite((new.params, new.inner_opt_state))
-        metadata = dict(state.metadata)
-        metadata["train_loss"] = jnp.asarray(new.train_loss, metadata["train_loss"].dtype)
-        metadata["skipped_inner_updates"] = metadata["skipped_inner_updates"] + (~ok)
-        return state.update(
-            params=tree_select(ok, new.params, state.params),
-            inner_opt_state=tree_select(ok, new.inner_opt_state, state.inner_opt_state),
-            step=(state.step + 1).astype(jnp.int32),
+        base = state if estimate.origin is None else estimate.origin
+        check_matches("the hypergradient", base.hyperparams, estimate.hypergrad)
+        check_matches("the new params", base.params, estimate.params)
+        inner_ok = all_finite((estimate.params, estimate.inner_opt_state))
+        params = tree_select(inner_ok, estimate.params, base.params)
+        inner_state = tree_select(inner_ok, estimate.inner_opt_state, base.inner_opt_state)
+
+        new_hyper, new_outer = self._outer_update(base, estimate.hypergrad, lr_hyper)
+        hyper_ok = all_finite((estimate.hypergrad, new_hyper, new_outer))
+        hyperparams = tree_select(hyper_ok, new_hyper, base.hyperparams)
+        outer_state = tree_select(hyper_ok, new_outer, base.outer_opt_state)
+
+        metadata = dict(base.metadata)
+        for key, value in (estimate.metadata or {}).items():
+            metadata[key] = tree_select(inner_ok, _cast_like(metadata[key], value), metadata[key])
+        metrics = {
+            "train_loss": estimate.train_loss,
+            "val_loss": estimate.val_loss,
+            "hypergrad_norm": tree_norm(estimate.hypergrad),
+        }
+        for key, value in metrics.items():
+            metadata[key] = jnp.asarray(value, metadata[key].dtype)
+        metadata["skipped_hyper_updates"] = metadata["skipped_hyper_updates"] + (~hyper_ok)
+        metadata["skipped_inner_updates"] = metadata["skipped_inner_updates"] + (~inner_ok)
+        steps = jnp.asarray(estimate.num_steps, jnp.int32)
+        metadata[EPISODE_KEY] = metadata[EPISODE_KEY] + jnp.where(inner_ok, steps, 0)
+        return BilevelState(
+            params=params,
+            hyperparams=hyperparams,
+            inner_opt_state=inner_state,
+            outer_opt_state=outer_state,
+            step=(base.step + steps).astype(jnp.int32),
             metadata=metadata,
         )
 
-    def run(self, state: BilevelState, train_data, val_data, train_loss_fn, val_loss_fn, **options):
-        """Train for whole episodes: ``gradhpo.training.run(self, state, ...)``.
+    @partial(jax.jit, static_argnums=(0, 4, 5))
+    def compute_hypergradient(
+        self,
+        state: BilevelState,
+        train_batch: Batch | Stacked,
+        val_batch: Batch | Stacked,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> PyTree:
+        """The hypergradient that ``step`` applies from ``state`` with the same batches.
 
-        Same arguments and options (``num_episodes``, ``episode_length``, ``lr_hyper``,
-        ``hyper_update_every``, ``lr_reptile``, ``key``, ``callback``, ``progress``) for every
-        algorithm; see :func:`gradhpo.training.run`.
+        ``estimate(...).hypergrad``, jitted.
+
+        Args:
+          state, train_batch, val_batch, train_loss_fn, val_loss_fn: as for ``step``
+            (``train_batch`` may be a :class:`~gradhpo.Stacked` window).
 
         Returns:
-          A :class:`gradhpo.training.RunResult`.
+          A pytree shaped like ``state.hyperparams``.
 
         Example:
-          >>> import jax.numpy as jnp, optax, gradhpo
-          >>> def val(w, lam, b):
-          ...     return jnp.sum((w - b) ** 2)
-          >>> def train(w, lam, b):
-          ...     return val(w, lam, b) + jnp.sum(jnp.exp(lam) * w**2)
-          >>> opt = gradhpo.OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
-          >>> out = opt.run(opt.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones(2), jnp.ones(2),
-          ...               train, val, episode_length=50, lr_hyper=0.5, progress=False)
-          >>> int(out.state.step)
-          50
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import FOOptimizer
+          >>> opt = FOOptimizer(inner_optimizer=optax.sgd(0.1))
+          >>> state = opt.init(jnp.ones(2), jnp.ones(2))
+          >>> opt.compute_hypergradient(state, None, None,
+          ...     lambda w, lam, b: jnp.sum(w**2), lambda w, lam, b: jnp.sum(lam * w))
+          Array([0.8, 0.8], dtype=float32)
         """
-        from gradhpo.training.loop import run
-
-        return run(self, state, train_data, val_data, train_loss_fn, val_loss_fn, **options)
-
-    def run_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper):
-        """``step`` with the uniform signature the training loops use (see GreedyOptimizer)."""
-        return self.step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper)
-
-    def episode_setup(self, state, train_batches, val_batch, train_loss_fn, val_loss_fn):
-        """Work done at the start of every ``episode_setup_period``-th episode (default: none).
-
-        ``train_batches`` holds ``default_episode_length`` batches stacked along a leading
-        axis. HyperDistill re-estimates θ here (Algorithm 3, line 1).
-        """
-        return state
+        self._check_state(state)
+        return self.estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn).hypergrad
 
     # -- shared machinery -----------------------------------------------------------------
 
@@ -404,71 +399,279 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
     def init_metadata_keys(self, params: PyTree, hyperparams: PyTree) -> set[str]:
         """Every metadata key this optimizer's ``init`` creates."""
         shapes = jax.eval_shape(self._init_metadata, params, hyperparams)
-        return set(METRIC_KEYS) | set(COUNTER_KEYS) | set(shapes)
+        return {*METRIC_KEYS, *COUNTER_KEYS, EPISODE_KEY, *shapes}
 
     def _outer_update(
         self, state: BilevelState, hypergrad: PyTree, lr_hyper: Any
     ) -> tuple[PyTree, PyTree]:
         """λ and outer optimizer state after one update with ``hypergrad``."""
+        lr_hyper_rule(self.outer_optimizer is not None, lr_hyper)
         if self.outer_optimizer is None:
-            if lr_hyper is None:
-                raise ValueError(
-                    "lr_hyper is required (a float or scalar array, the step size of gradient "
-                    "descent on the hyperparameters) when the optimizer has no outer_optimizer"
-                )
-            if jnp.shape(lr_hyper) != ():
-                raise ValueError(f"lr_hyper must be a scalar, got shape {jnp.shape(lr_hyper)}")
             new_hyper = jax.tree.map(
                 lambda h, g: (h - lr_hyper * g).astype(h.dtype), state.hyperparams, hypergrad
             )
             return new_hyper, state.outer_opt_state
-        if lr_hyper is not None:
-            raise ValueError(
-                "lr_hyper must be None when the optimizer has an outer_optimizer (its own "
-                "learning rate or optax schedule sets the step size); got a value"
-            )
         updates, outer_state = self.outer_optimizer.update(
             hypergrad, state.outer_opt_state, state.hyperparams
         )
         return optax.apply_updates(state.hyperparams, updates), outer_state
 
-    def _apply(self, state: BilevelState, estimate: Estimate, lr_hyper: Any) -> BilevelState:
-        """Apply an estimate: guarded inner and outer updates, counters, metrics, step."""
-        check_matches("the hypergradient", state.hyperparams, estimate.hypergrad)
-        check_matches("the new params", state.params, estimate.params)
-        inner_ok = all_finite((estimate.params, estimate.inner_opt_state))
-        params = tree_select(inner_ok, estimate.params, state.params)
-        inner_state = tree_select(inner_ok, estimate.inner_opt_state, state.inner_opt_state)
+    def _warn_once(self, key: str, message: str) -> None:
+        """Emit ``message`` as a warning the first time ``key`` is seen for this optimizer."""
+        seen = _WARNED.setdefault(self, set())
+        if key not in seen:
+            seen.add(key)
+            warnings.warn(message, stacklevel=4)
 
-        new_hyper, new_outer = self._outer_update(state, estimate.hypergrad, lr_hyper)
-        hyper_ok = all_finite(estimate.hypergrad) & all_finite(new_hyper)
-        hyperparams = tree_select(hyper_ok, new_hyper, state.hyperparams)
-        outer_state = tree_select(hyper_ok, new_outer, state.outer_opt_state)
 
+class OnlineOptimizer(BilevelOptimizer):
+    """An online estimator: λ may be updated after every inner step (FO, One-Step, T1-T2, …).
+
+    A concrete online optimizer implements ``_estimate_step`` (one inner step and its
+    hypergradient) and ``_track`` (the algorithm state an inner step advances, e.g.
+    HyperDistill's EMA point). A window of k steps is written once, here: k - 1 guarded
+    :meth:`inner_step` calls, then the estimator's last step.
+    """
+
+    @partial(jax.jit, static_argnums=(0, 4, 5))
+    def step(
+        self,
+        state: BilevelState,
+        train_batch: Batch | Stacked,
+        val_batch: Batch,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+        lr_hyper: float | jax.Array | None,
+    ) -> BilevelState:
+        """One inner step of the weights and one hyper-update of λ: ``apply(estimate(...))``.
+
+        Jitted with ``self``, ``train_loss_fn`` and ``val_loss_fn`` static; ``lr_hyper`` is
+        traced, so a new value (a decaying schedule) never recompiles.
+
+        Args:
+          state: the current state (from :meth:`init` or a previous ``step``).
+          train_batch: the batch ``D_t`` of the inner step (a :class:`~gradhpo.Stacked`
+            window of k batches takes k inner steps and one hyper-update).
+          val_batch: the validation batch.
+          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
+          val_loss_fn: ``L_val(params, hyperparams, batch) -> scalar``.
+          lr_hyper: step size of gradient descent on λ; must be ``None`` when the optimizer
+            has an ``outer_optimizer`` (which then makes the update).
+
+        Returns:
+          The new state: weights and λ updated, ``step`` + 1, metrics in ``metadata``. A
+          non-finite hypergradient (or inner update) is skipped and counted in
+          ``metadata["skipped_hyper_updates"]`` (``"skipped_inner_updates"``).
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OneStepOptimizer
+          >>> train = lambda w, lam, b: jnp.sum((w - b) ** 2) + jnp.sum(jnp.exp(lam) * w**2)
+          >>> val = lambda w, lam, b: jnp.sum((w - b) ** 2)
+          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
+          >>> state = opt.init(jnp.zeros(2), jnp.zeros(2))
+          >>> for _ in range(3):
+          ...     state = opt.step(state, jnp.ones(2), jnp.ones(2), train, val, 0.5)
+          >>> int(state.step), bool(jnp.all(state.hyperparams < 0))
+          (3, True)
+        """
+        self._check_state(state)
+        estimate = self.estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
+        return self.apply(state, estimate, lr_hyper)
+
+    def estimate(self, state, window, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
+        """k - 1 guarded :meth:`inner_step` calls, then the estimator's last step.
+
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.OneStepOptimizer(inner_optimizer=optax.sgd(0.5))
+          >>> loss = lambda w, lam, b: 0.5 * jnp.sum((w - lam) ** 2)
+          >>> est = opt.estimate(opt.init(jnp.zeros(1), jnp.ones(1)),
+          ...                    gradhpo.Stacked.repeat(None, 3), None, loss, loss)
+          >>> est.params, est.num_steps, int(est.origin.step)
+          (Array([0.875], dtype=float32), 1, 2)
+        """
+        window = as_window(window, 1)
+        val_batch = _val_of_last_step(val_batch)
+        head, last = window.split_last()
+        if head is None:
+            return self._estimate_step(state, last, val_batch, train_loss_fn, val_loss_fn)
+        state = head.scan(lambda s, b: (self._inner_step(s, b, train_loss_fn), None), state)[0]
+        estimate = self._estimate_step(state, last, val_batch, train_loss_fn, val_loss_fn)
+        return estimate._replace(origin=state)
+
+    @partial(jax.jit, static_argnums=(0, 3))
+    def inner_step(
+        self, state: BilevelState, train_batch: Batch, train_loss_fn: LossFn
+    ) -> BilevelState:
+        """One inner step Φ with λ left as it is: no hypergradient, no hyper-update (jitted).
+
+        The inner steps of a window before its last one. The non-finite guard applies;
+        ``metadata["train_loss"]`` is updated, the validation metrics keep their last
+        values, and the algorithm's own per-step state (HyperDistill's ``w*_t``) advances.
+
+        Args:
+          state: the current state.
+          train_batch: the batch of the inner step.
+          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
+
+        Returns:
+          The new state, ``step`` + 1.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import OneStepOptimizer
+          >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.5))
+          >>> state = opt.init(jnp.ones(2), jnp.zeros(2))
+          >>> state = opt.inner_step(state, None, lambda w, lam, b: jnp.sum(w**2))
+          >>> state.params, int(state.step)
+          (Array([0., 0.], dtype=float32), 1)
+        """
+        self._check_state(state)
+        return self._inner_step(state, train_batch, train_loss_fn)
+
+    def _inner_step(self, state: BilevelState, train_batch: Batch, train_loss_fn: LossFn):
+        new = self.inner(
+            state.params, state.inner_opt_state, state.hyperparams, train_batch, train_loss_fn
+        )
+        ok = all_finite((new.params, new.inner_opt_state))
         metadata = dict(state.metadata)
-        for key, value in (estimate.metadata or {}).items():
-            old = metadata[key]
-            metadata[key] = jax.tree.map(lambda o, v: jnp.asarray(v, o.dtype), old, value)
-        metrics = {
-            "train_loss": estimate.train_loss,
-            "val_loss": estimate.val_loss,
-            "hypergrad_norm": tree_norm(estimate.hypergrad),
-        }
-        for key, value in metrics.items():
-            metadata[key] = jnp.asarray(value, metadata[key].dtype)
-        metadata["skipped_hyper_updates"] = metadata["skipped_hyper_updates"] + (~hyper_ok)
-        metadata["skipped_inner_updates"] = metadata["skipped_inner_updates"] + (~inner_ok)
-        return BilevelState(
-            params=params,
-            hyperparams=hyperparams,
-            inner_opt_state=inner_state,
-            outer_opt_state=outer_state,
-            step=(state.step + estimate.num_steps).astype(jnp.int32),
+        for key, value in self._track(state, train_batch).items():
+            metadata[key] = tree_select(ok, _cast_like(metadata[key], value), metadata[key])
+        metadata["train_loss"] = jnp.asarray(new.train_loss, metadata["train_loss"].dtype)
+        metadata["skipped_inner_updates"] = metadata["skipped_inner_updates"] + (~ok)
+        metadata[EPISODE_KEY] = metadata[EPISODE_KEY] + ok.astype(jnp.int32)
+        return state.update(
+            params=tree_select(ok, new.params, state.params),
+            inner_opt_state=tree_select(ok, new.inner_opt_state, state.inner_opt_state),
+            step=(state.step + 1).astype(jnp.int32),
             metadata=metadata,
         )
 
-    def _warn_once(self, key: str, message: str) -> None:
-        """Emit ``message`` as a warning the first time ``key`` is seen by this optimizer."""
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=4)
+    @abc.abstractmethod
+    def _estimate_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn):
+        """One inner step from ``state`` and the hypergradient after it (an ``Estimate``)."""
+
+    @abc.abstractmethod
+    def _track(self, state: BilevelState, train_batch: Batch) -> dict[str, Any]:
+        """The algorithm metadata an inner step from ``state`` on ``train_batch`` advances."""
+
+
+class MemorylessOnlineOptimizer(OnlineOptimizer):
+    """An online optimizer whose estimate depends on the current step only (FO, One-Step, T1-T2).
+
+    Abstract: its inner steps advance no algorithm state.
+    """
+
+    def _track(self, state: BilevelState, train_batch: Batch) -> dict[str, Any]:
+        return {}
+
+
+class WindowOptimizer(BilevelOptimizer):
+    """A window estimator: each ``step`` unrolls ``unroll_steps`` inner steps with λ fixed.
+
+    Greedy and exact reverse mode (and every long-horizon estimator) are window
+    optimizers: ``step(state, train_batch, val_batch, tl, vl)`` has no ``lr_hyper`` (the
+    ``outer_optimizer``, required, sets the hyper step size). A concrete window optimizer
+    implements ``_estimate_window`` over a checked window.
+
+    Args:
+      inner_optimizer: the inner optimizer, an ``optax.GradientTransformation`` or a function
+        ``hyperparams -> GradientTransformation``.
+      outer_optimizer: the ``optax.GradientTransformation`` that updates λ; required.
+      unroll_steps: the window T ≥ 1 of inner steps per hyper-update.
+      update_fn: instead of ``inner_optimizer``, a custom inner step (keyword only).
+    """
+
+    def __init__(
+        self,
+        inner_optimizer: InnerOptimizer | None = None,
+        outer_optimizer: optax.GradientTransformation | None = None,
+        unroll_steps: int = 1,
+        *,
+        update_fn: UpdateFn | None = None,
+    ):
+        if outer_optimizer is None:
+            raise ValueError(
+                f"{type(self).__name__} needs an outer_optimizer (an optax "
+                "GradientTransformation, e.g. optax.adam(1e-2)): its step() has no lr_hyper"
+            )
+        super().__init__(inner_optimizer, outer_optimizer, update_fn)
+        self.unroll_steps = positive_int("unroll_steps", unroll_steps)
+
+    @partial(jax.jit, static_argnums=(0, 4, 5))
+    def step(
+        self,
+        state: BilevelState,
+        train_batch: Batch | Stacked,
+        val_batch: Batch | Stacked,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> BilevelState:
+        """``unroll_steps`` inner steps and one outer update of λ: ``apply(estimate(...))``.
+
+        Jitted with ``self``, ``train_loss_fn`` and ``val_loss_fn`` static; one compilation
+        serves every later call with same-shaped inputs, whatever the horizon.
+
+        Args:
+          state: the current state (from :meth:`init` or a previous ``step``).
+          train_batch: one batch reused for every unrolled step, or :class:`~gradhpo.Stacked`
+            batches (a leading axis of length ``unroll_steps``, one per step).
+          val_batch: the validation batch, likewise single or :class:`~gradhpo.Stacked`.
+          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
+          val_loss_fn: ``L_val(params, hyperparams, batch) -> scalar``.
+
+        Returns:
+          The new state: weights after T inner steps, λ after one ``outer_optimizer``
+          update, ``step`` + T, and in ``metadata`` the last step's training loss, the
+          validation loss at ``w_T`` and the hypergradient's norm (``"hypergrad_norm"``).
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo import GreedyOptimizer, Stacked
+          >>> train = lambda w, lam, b: 0.5 * jnp.sum((w - lam - b) ** 2)
+          >>> val = lambda w, lam, b: 0.5 * jnp.sum(w**2)
+          >>> opt = GreedyOptimizer(optax.sgd(0.5), optax.sgd(1.0), unroll_steps=3, gamma=1.0)
+          >>> state = opt.init(jnp.zeros(1), jnp.ones(1))
+          >>> batches = Stacked(jnp.zeros((3, 1)))  # one (here zero) shift per step
+          >>> # w_t = 0.5, 0.75, 0.875 and B_t = 0.5, so ĝ = 0.5 (0.5 + 0.75 + 0.875)
+          >>> opt.step(state, batches, None, train, val).hyperparams
+          Array([-0.0625], dtype=float32)
+        """
+        self._check_state(state)
+        estimate = self.estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
+        return self.apply(state, estimate, None)
+
+    def estimate(self, state, window, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
+        """The window's checked batches (a plain batch is reused), then the estimator.
+
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.GreedyOptimizer(optax.sgd(0.1), optax.sgd(0.1), unroll_steps=4)
+          >>> loss = lambda w, lam, b: jnp.sum((w - lam) ** 2)
+          >>> opt.estimate(opt.init(jnp.zeros(1), jnp.ones(1)), None, None, loss, loss).num_steps
+          4
+        """
+        window = self._checked(window, "train_batch")
+        val_window = self._checked(val_batch, "val_batch")
+        return self._estimate_window(state, window, val_window, train_loss_fn, val_loss_fn)
+
+    def _checked(self, batch: Batch | Stacked, name: str) -> Stacked:
+        if isinstance(batch, Stacked) and batch.num_steps != self.unroll_steps:
+            raise ValueError(
+                f"{name} is Stacked with a leading axis of length {batch.num_steps}, but "
+                f"unroll_steps = {self.unroll_steps}: give one batch per unrolled step, or pass "
+                "a single (unwrapped) batch to reuse it for every step"
+            )
+        return as_window(batch, self.unroll_steps)
+
+    @abc.abstractmethod
+    def _estimate_window(
+        self,
+        state: BilevelState,
+        window: Stacked,
+        val_window: Stacked,
+        train_loss_fn: LossFn,
+        val_loss_fn: LossFn,
+    ) -> Estimate:
+        """The ``unroll_steps`` inner steps of ``window`` and the hypergradient at its end."""

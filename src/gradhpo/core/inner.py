@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradhpo.core.batches import Stacked
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 
 
@@ -144,6 +145,83 @@ class InnerStep:
         loss, grads = jax.value_and_grad(loss_fn)(params, hyperparams, batch)
         updates, new_state = self.transformation(hyperparams).update(grads, inner_opt_state, params)
         return InnerResult(optax.apply_updates(params, updates), new_state, loss)
+
+    def unroll(
+        self,
+        params: PyTree,
+        inner_opt_state: PyTree,
+        hyperparams: PyTree,
+        window: Stacked | Batch,
+        train_loss_fn: LossFn,
+        *,
+        checkpoint_every: int | None = None,
+        trajectory: bool = False,
+    ) -> tuple[InnerResult, PyTree]:
+        """The k steps of a window, ``(w_t, s_t) = Φ(w_{t-1}, s_{t-1}, λ; D_t)``, in one scan.
+
+        The one unrolled loop of Φ in gradhpo: exact reverse mode
+        (:class:`~gradhpo.ReverseModeOptimizer`, :func:`~gradhpo.reverse_hypergradient`)
+        differentiates through it, HyperDistill's θ estimation runs its forward pass on it.
+
+        Args:
+          params, inner_opt_state, hyperparams: ``(w_0, s_0, λ)``.
+          window: a :class:`~gradhpo.Stacked` window (one batch per step, or a repeat);
+            a plain pytree is read as batches already stacked along a leading step axis.
+          train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
+          checkpoint_every: rematerialise segments of this many steps in the backward pass
+            (``jax.checkpoint``; exact, memory O(P·(k/K + K)) instead of O(P·k)).
+          trajectory: also return the points ``(w_{t-1}, s_{t-1})`` of every step, stacked.
+
+        Returns:
+          ``(InnerResult(w_k, s_k, L_train of the last step), points or None)``.
+
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> phi = gradhpo.InnerStep(optax.sgd(0.5))
+          >>> def loss(w, lam, batch):
+          ...     return 0.5 * jnp.sum((w - lam) ** 2)
+          >>> w0, lam = jnp.zeros(1), jnp.ones(1)
+          >>> out, _ = phi.unroll(w0, phi.init(w0, lam), lam, gradhpo.Stacked.repeat(None, 3),
+          ...                     loss)
+          >>> out.params  # 1 - 0.5**3
+          Array([0.875], dtype=float32)
+        """
+        if not isinstance(window, Stacked):
+            window = Stacked(window)
+        if checkpoint_every is not None and trajectory:
+            raise ValueError("checkpoint_every and trajectory exclude each other")
+
+        def body(carry, batch):
+            w, s, _ = carry
+            out = self(w, s, hyperparams, batch, train_loss_fn)
+            loss = jnp.asarray(out.train_loss, carry[2].dtype)
+            return (out.params, out.inner_opt_state, loss), (w, s) if trajectory else None
+
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        carry = (params, inner_opt_state, jnp.full((), jnp.nan, dtype))
+        if checkpoint_every is None:
+            carry, points = window.scan(body, carry)
+            return InnerResult(*carry), points
+
+        K, xs = checkpoint_every, window.scan_xs
+        n_seg, rem = divmod(window.num_steps, K)
+
+        @jax.checkpoint
+        def segment(carry, seg_xs):
+            seg = jax.lax.scan(lambda c, x: body(c, window.at(x)), carry, seg_xs, length=K)
+            return seg[0], None
+
+        if n_seg:
+            head = None
+            if xs is not None:
+                head = jax.tree.map(lambda x: x[: n_seg * K].reshape((n_seg, K, *x.shape[1:])), xs)
+            carry = jax.lax.scan(segment, carry, head, length=n_seg)[0]
+        if rem:
+            tail = None if xs is None else jax.tree.map(lambda x: x[n_seg * K :], xs)
+            carry = jax.checkpoint(
+                lambda c, t: jax.lax.scan(lambda c, x: body(c, window.at(x)), c, t, length=rem)[0]
+            )(carry, tail)
+        return InnerResult(*carry), None
 
     def step_and_vjp(
         self,

@@ -34,9 +34,19 @@ class Sampler:
     argument rather than baked in as a constant; ``sample_fn`` is static (hashed as given, so
     reuse one function object).
 
+    A *window sampler* (``window=True``) draws all the batches of a window at once, from
+    one key: as ``train_data`` its ``sample_fn(data, key, num_steps)`` returns
+    ``num_steps`` batches stacked along a leading axis; as ``val_data`` its
+    ``sample_fn(data, key)`` receives the same key as the window's training draw. The
+    training and validation batches of a window can so come from one task, as in
+    meta-learning (one task per episode, support batches for the inner steps and a query
+    batch for the hypergradient).
+
     Args:
-      sample_fn: ``sample_fn(data, key) -> batch``, jittable, fixed output shapes.
+      sample_fn: ``sample_fn(data, key) -> batch`` (or, for a training window sampler,
+        ``sample_fn(data, key, num_steps) -> stacked batches``), jittable, fixed shapes.
       data: the arrays to sample from (``None`` when ``sample_fn`` needs none).
+      window: draw whole windows (see above).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -44,24 +54,47 @@ class Sampler:
       >>> noise = Sampler(lambda data, key: data + jax.random.normal(key, (2,)), jnp.zeros(2))
       >>> noise(jax.random.PRNGKey(0)).shape
       (2,)
+      >>> tasks = Sampler(lambda data, key, n: jnp.full((n, 2), jax.random.normal(key)),
+      ...                 window=True)
+      >>> tasks.draw_window(jax.random.PRNGKey(0), 3).shape
+      (3, 2)
     """
 
-    def __init__(self, sample_fn: Callable[[PyTree, jax.Array], Batch], data: PyTree = None):
+    def __init__(
+        self,
+        sample_fn: Callable[..., Batch],
+        data: PyTree = None,
+        *,
+        window: bool = False,
+    ):
         if not callable(sample_fn):
             raise TypeError(f"sample_fn must be callable, got {type(sample_fn).__name__}")
+        if not isinstance(window, bool):
+            raise TypeError(f"window must be True or False, got {window!r}")
         self.sample_fn = sample_fn
         self.data = data
+        self.window = window
 
     def __call__(self, key: jax.Array) -> Batch:
+        if self.window:
+            raise ValueError(
+                "this Sampler draws whole windows (window=True): use draw_window(key, num_steps)"
+            )
         return self.sample_fn(self.data, key)
 
+    def draw_window(self, key: jax.Array, num_steps: int | None = None) -> Batch:
+        """A window sampler's draw: ``sample_fn(data, key, num_steps)`` (or ``(data, key)``)."""
+        if num_steps is None:
+            return self.sample_fn(self.data, key)
+        return self.sample_fn(self.data, key, num_steps)
+
     def tree_flatten(self):
-        return (self.data,), self.sample_fn
+        return (self.data,), (self.sample_fn, self.window)
 
     @classmethod
-    def tree_unflatten(cls, sample_fn, children):
+    def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        obj.sample_fn, obj.data = sample_fn, children[0]
+        (obj.sample_fn, obj.window), obj.data = aux, children[0]
         return obj
 
 

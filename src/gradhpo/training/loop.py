@@ -1,11 +1,12 @@
 """Training loops that compile once: episodes, Reptile, schedules, progress, populations.
 
 :func:`run` drives any :class:`~gradhpo.core.base.BilevelOptimizer` through ``num_episodes``
-episodes of ``episode_length`` step calls (an inner step and a hyper-update each; for Greedy
-an outer step of ``unroll_steps`` inner steps). With jittable data (a
+episodes of windows: each window draws its batches and makes one hyper-update,
+``apply(estimate(state, window, ...))`` (``hyper_update_every`` inner steps for an online
+optimizer, ``unroll_steps`` for a window optimizer). With jittable data (a
 :class:`~gradhpo.training.data.Sampler` or a fixed batch) a whole episode is one compiled
-``lax.scan``; with Python sources each step is one jitted call. :func:`run_population` runs
-N independent copies as one ``vmap``-ped program.
+``lax.scan`` over its windows, with no ``lax.cond``; with Python sources each window is one
+jitted call. :func:`run_population` runs N independent copies as one ``vmap``-ped program.
 
 References:
   Lee, Lee, Hwang. ICLR 2022, Algorithm 3 (episodes, θ every P episodes, Reptile).
@@ -16,8 +17,7 @@ References:
 from __future__ import annotations
 
 import logging
-import os
-import sys
+import numbers
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -25,16 +25,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradhpo.core.base import BilevelOptimizer
+from gradhpo.core._checks import lr_hyper_rule, positive_int
+from gradhpo.core.base import BilevelOptimizer, WindowOptimizer
+from gradhpo.core.batches import Stacked
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import LossFn, PyTree
 from gradhpo.training import programs
 from gradhpo.training.data import HostSource, Sampler, as_source
+from gradhpo.training.progress import progress_bar, progress_enabled
 from gradhpo.utils.tree import stack_batches
 
 logger = logging.getLogger("gradhpo")
 
-#: Per-step records of the history (arrays of shape ``(num_episodes, episode_length)``).
+#: Per-window records of the history (arrays of shape ``(num_episodes, windows)``).
 STEP_KEYS = ("train_loss", "val_loss", "hypergrad_norm", "hyper_mean", "hyper_norm", "hyper_update")
 
 
@@ -45,12 +48,14 @@ class RunResult(NamedTuple):
       state: the final state.
       meta_params: the Reptile meta-initialisation φ after the last episode (``None``
         without restarts).
-      history: per-step arrays of shape ``(num_episodes, episode_length)`` (a leading
-        population axis for :func:`run_population`): ``train_loss``, ``val_loss``,
+      history: per-window arrays of shape ``(num_episodes, windows per episode)`` (a
+        leading population axis for :func:`run_population`), one entry per hyper-update:
+        ``train_loss`` (of the window's last inner step), ``val_loss``,
         ``hypergrad_norm``, ``hyper_mean`` and ``hyper_norm`` (mean and norm over every
-        scalar of λ), ``hyper_update`` (whether λ was updated at that step), and per episode
-        ``hyperparams`` (λ at the end of each episode, leading axis ``num_episodes``) and
-        ``theta`` where the optimizer has one.
+        scalar of λ), ``hyper_update`` (whether the hyper-update was applied, False where
+        the non-finite guard skipped it); and per episode ``hyperparams`` (λ at the end of
+        each episode, leading axis ``num_episodes``) and ``theta`` where the optimizer has
+        one.
     """
 
     state: BilevelState
@@ -58,199 +63,183 @@ class RunResult(NamedTuple):
     history: dict[str, Any]
 
 
-# -- host-side driver ----------------------------------------------------------------------
+# -- configuration ----------------------------------------------------------------------
 
 
-def _progress_enabled(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        return False
-    return sys.stderr.isatty()
+class RunOptions(NamedTuple):
+    """The settings of a run, validated once (:meth:`check`) and shared by both loops.
 
+    Attributes:
+      num_episodes: M ≥ 1.
+      episode_length: step calls per episode, or ``None`` for the optimizer's default.
+      lr_hyper: a float, a scalar array, a schedule ``n -> lr`` or ``None``.
+      hyper_update_every: k ≥ 1 step calls per hyper-update (online optimizers).
+      lr_reptile: ``None`` (no restarts) or η_Reptile ∈ [0, 1].
+    """
 
-def _progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        logger.info("tqdm is not installed: no progress bar")
-        return None
-    return tqdm(total=total, desc=desc, unit="episode")
+    num_episodes: int = 1
+    episode_length: int | None = None
+    lr_hyper: Any = None
+    hyper_update_every: int = 1
+    lr_reptile: float | None = None
 
-
-def _check_run_args(opt, num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile):
-    if not isinstance(opt, BilevelOptimizer):
-        raise TypeError(f"optimizer must be a BilevelOptimizer, got {type(opt).__name__}")
-    for name, value in (
-        ("num_episodes", num_episodes),
-        ("episode_length", episode_length),
-        ("hyper_update_every", hyper_update_every),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if opt.outer_optimizer is not None and lr_hyper is not None:
-        raise ValueError(
-            "lr_hyper must be None for an optimizer with an outer_optimizer (put a schedule "
-            "into the optax optimizer instead)"
-        )
-    if opt.outer_optimizer is None and lr_hyper is None:
-        raise ValueError(
-            "lr_hyper is required (a float, a scalar array, an optax schedule or a callable "
-            "of the hyper-update count) when the optimizer has no outer_optimizer"
-        )
-    if lr_reptile is not None and not (0.0 <= float(lr_reptile) <= 1.0):
-        raise ValueError(f"lr_reptile must be None or in [0, 1], got {lr_reptile!r}")
-
-
-def _resolve_episode_length(opt: BilevelOptimizer, episode_length: int | None) -> int:
-    if episode_length is None:
-        episode_length = opt.default_episode_length
-        if episode_length is None:
-            raise ValueError(
-                f"episode_length is required for {type(opt).__name__} (step calls per episode)"
+    def config(self, opt: BilevelOptimizer) -> programs.Config:
+        """Check the options against ``opt``; the static program configuration."""
+        if not isinstance(opt, BilevelOptimizer):
+            raise TypeError(f"optimizer must be a BilevelOptimizer, got {type(opt).__name__}")
+        positive_int("num_episodes", self.num_episodes)
+        every = positive_int("hyper_update_every", self.hyper_update_every)
+        length = self.episode_length
+        if length is None:
+            if opt.refit is None:
+                raise ValueError(
+                    f"episode_length is required for {type(opt).__name__} (step calls per episode)"
+                )
+            length = opt.refit.num_batches  # HyperDistill: its horizon T
+        length = positive_int("episode_length", length)
+        lr_hyper_rule(opt.outer_optimizer is not None, self.lr_hyper, schedules=True)
+        eta = self.lr_reptile
+        if eta is not None and (
+            isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0
+        ):
+            raise ValueError(f"lr_reptile must be None or in [0, 1], got {eta!r}")
+        if isinstance(opt, WindowOptimizer):
+            if every != 1:
+                raise ValueError(
+                    f"hyper_update_every={every} conflicts with {type(opt).__name__}: a window "
+                    f"optimizer makes one hyper-update per step call, over its unroll_steps = "
+                    f"{opt.unroll_steps} inner steps; leave hyper_update_every at 1 and set "
+                    "unroll_steps instead"
+                )
+            return programs.Config(
+                length, 1, opt.unroll_steps, self.lr_reptile is not None, self._schedule()
             )
-    return episode_length
+        if length % every:
+            raise ValueError(
+                f"episode_length ({length}) must be a multiple of hyper_update_every ({every}): "
+                "every window of hyper_update_every inner steps ends with a hyper-update"
+            )
+        return programs.Config(
+            length // every, every, every, self.lr_reptile is not None, self._schedule()
+        )
+
+    def _schedule(self) -> Callable | None:
+        return self.lr_hyper if callable(self.lr_hyper) else None
+
+    def traced_lr(self) -> Any:
+        """``lr_hyper`` as a traced argument (``None`` for a schedule, which is static)."""
+        return None if callable(self.lr_hyper) else self.lr_hyper
 
 
-def _split_lr(lr_hyper: Any) -> tuple[Any, Callable | None]:
-    """(a traced value, or None; a static schedule, or None)."""
-    if callable(lr_hyper):
-        return None, lr_hyper
-    return lr_hyper, None
-
-
-#: The settings of a run that configure its compiled programs.
-_OPTIONS = ("num_episodes", "episode_length", "lr_hyper", "hyper_update_every", "lr_reptile")
+# -- the driver ---------------------------------------------------------------------------
 
 
 class _Loop:
     """The episode driver shared by :func:`run` and :func:`run_population`."""
 
-    def __init__(self, opt, train_data, val_data, tl, vl, options: dict[str, Any], vmapped):
-        episode_length = _resolve_episode_length(opt, options["episode_length"])
-        lr_hyper, lr_reptile = options["lr_hyper"], options["lr_reptile"]
-        every = options["hyper_update_every"]
-        _check_run_args(opt, options["num_episodes"], episode_length, lr_hyper, every, lr_reptile)
-        lr_value, schedule = _split_lr(lr_hyper)
-        config = programs.Config(episode_length, every, lr_reptile is not None, schedule)
-        self.opt, self.tl, self.vl, self.config = opt, tl, vl, config
+    def __init__(self, opt, train_data, val_data, tl, vl, options: RunOptions, vmapped: bool):
+        self.config = config = options.config(opt)
+        self.opt, self.tl, self.vl = opt, tl, vl
         self.train = as_source(train_data, "train_data")
         self.val = as_source(val_data, "val_data")
-        self.lr_hyper = lr_value
-        self.lr_reptile = lr_reptile if lr_reptile is not None else 0.0
+        self.lr_hyper = options.traced_lr()
+        self.lr_reptile = options.lr_reptile if options.lr_reptile is not None else 0.0
         self.jittable = isinstance(self.train, Sampler) and isinstance(self.val, Sampler)
         if vmapped and not self.jittable:
             raise ValueError(
                 "run_population needs jittable data: a gradhpo.training.Sampler (e.g. "
                 "minibatches(arrays, batch_size)) or a fixed batch for train_data and val_data"
             )
+        for name, src in (("train_data", self.train), ("val_data", self.val)):
+            if isinstance(src, Sampler) and src.window and not self.jittable:
+                raise ValueError(f"{name} is a window Sampler: give the other source as one too")
         # Module-level jitted programs with static (optimizer, losses, config): a later run
         # with the same settings reuses the compiled programs.
         static = (opt, tl, vl, config)
         if vmapped:
             self.episode_fn = partial(programs.population_episode, *static)
-            self.setup_fn = partial(programs.population_setup, *static[:3])
+            self.refit_fn = partial(programs.population_refit, *static[:3])
         else:
             self.episode_fn = partial(programs.jit_episode, *static)
-            self.setup_fn = partial(programs.jit_setup_draw, *static[:3])
+            self.refit_fn = partial(programs.jit_refit_draw, *static[:3])
 
-    # -- jittable data: one program per episode -------------------------------------------
-
-    def episode(self, state, phi, key, call_index):
-        """One episode: (state, φ, step records, next host-side call index)."""
+    def episode(self, state, phi, key):
+        """One episode: (state, φ, window records)."""
         if not self.jittable:
-            return self.host_episode(state, phi, key, call_index)
-        state, phi, records = self.episode_fn(
+            return self.host_episode(state, phi, key)
+        return self.episode_fn(
             state, phi, key, self.train, self.val, self.lr_hyper, self.lr_reptile
         )
-        return state, phi, records, call_index
 
-    def setup(self, state, key):
-        """The optimizer's episode setup (HyperDistill: θ) on freshly drawn batches."""
-        if not self.jittable:
-            return self.host_setup(state, key)
-        return self.setup_fn(state, key, self.train, self.val)
-
-    # -- host data: one jitted call per step ----------------------------------------------
-
-    def host_batches(self, source):
-        spc = self.opt.steps_per_call
-        if spc == 1:
-            return source()
-        return programs.stack_for_call(self.opt, stack_batches([source() for _ in range(spc)]))
-
-    def host_val(self, key):
-        return self.val() if isinstance(self.val, HostSource) else self.val(key)
-
-    def host_train(self, key):
+    def refit(self, state, key):
+        """The optimizer's refit (HyperDistill: θ) on freshly drawn batches."""
+        if self.jittable:
+            return self.refit_fn(state, key, self.train, self.val)
+        k_train, k_val = jax.random.split(key)
+        n = self.opt.refit.num_batches
         if isinstance(self.train, HostSource):
-            return self.host_batches(self.train)
-        return programs.draw(self.opt, self.train, key)
+            batches = stack_batches([self.train() for _ in range(n)])
+        else:
+            batches = jax.vmap(self.train)(jax.random.split(k_train, n))
+        val = self.val() if isinstance(self.val, HostSource) else self.val(k_val)
+        return programs.jit_refit(self.opt, self.tl, self.vl, state, batches, val)
 
-    def host_episode(self, state, phi, key, call_index):
+    # -- host data: one jitted call per window --------------------------------------------
+
+    def host_window(self, keys):
+        """The window's batches from Python sources (and samplers, drawn by a jitted call)."""
+        config = self.config
+        if isinstance(self.train, HostSource):
+            steps = config.window_steps
+            window = Stacked(stack_batches([self.train() for _ in range(steps)]))
+        else:
+            window = programs.jit_train_window(self.opt, config, self.train, keys)
+        if isinstance(self.val, HostSource):
+            return window, self.val()
+        return window, programs.jit_val_batch(self.val, keys)
+
+    def host_episode(self, state, phi, key):
         opt, config = self.opt, self.config
-        state = opt.new_episode(state, phi) if config.restart else opt.begin_window(state)
+        if config.restart:
+            state = opt.new_episode(state, phi)
         records = []
-        for key_t in jax.random.split(key, config.episode_length):
-            k_train, k_val = jax.random.split(key_t)
-            is_hyper = programs.hyper_due(config, call_index)
-            n_updates = call_index // config.hyper_update_every
-            lr = programs.lr_at(config, self.lr_hyper, n_updates)
-            train_batch, val_batch = self.host_train(k_train), self.host_val(k_val)
-            if is_hyper:
-                state = opt.run_step(state, train_batch, val_batch, self.tl, self.vl, lr)
-            elif opt.steps_per_call == 1:
-                state = opt.inner_step(state, train_batch, self.tl)
-            else:
-                for b in range(opt.steps_per_call):
-                    batch = jax.tree.map(lambda a, b=b: a[b], train_batch.batches)
-                    state = opt.inner_step(state, batch, self.tl)
-            records.append(programs.record(state, is_hyper))
-            call_index += 1
+        for keys in programs.episode_call_keys(key, config):
+            window, val_batch = self.host_window(keys)
+            state, rec = programs.jit_window(
+                opt, self.tl, self.vl, config, state, window, val_batch, self.lr_hyper
+            )
+            records.append(rec)
         if config.restart:
             phi = programs.reptile(phi, state.params, self.lr_reptile)
-        stacked = {k: jnp.stack([r[k] for r in records]) for k in records[0]}
-        return state, phi, stacked, call_index
-
-    def host_setup(self, state, key):
-        k_train, k_val = jax.random.split(key)
-        T = self.opt.default_episode_length
-        if isinstance(self.train, HostSource):
-            batches = stack_batches([self.train() for _ in range(T)])
-        else:
-            batches = jax.vmap(self.train)(jax.random.split(k_train, T))
-        return programs.jit_setup(self.opt, self.tl, self.vl, state, batches, self.host_val(k_val))
+        return state, phi, {k: jnp.stack([r[k] for r in records]) for k in records[0]}
 
 
 def _drive(loop: _Loop, state, episode_keys, num_episodes, callback, progress, population):
-    """Run the episodes; ``episode_keys(e)`` gives the (setup, run) keys of episode e."""
+    """Run the episodes; ``episode_keys(e)`` gives the (refit, run) keys of episode e."""
     opt, config = loop.opt, loop.config
-    period = opt.episode_setup_period
+    refit = opt.refit
     phi = state.params
     new_episode = jax.vmap(opt.new_episode) if population else opt.new_episode
-    bar = _progress_bar(_progress_enabled(progress), num_episodes, type(opt).__name__)
-    call_index = None
-    if not loop.jittable:
-        call_index = int(state.step) // opt.steps_per_call  # one read, before the loop
+    bar = progress_bar(num_episodes, type(opt).__name__, "episode", progress)
     step_records, episode_records = [], []
-    for episode in range(num_episodes):
-        k_setup, k_run = episode_keys(episode)
-        if period is not None and episode % period == 0:
-            if config.restart:  # the setup (θ) starts from the episode's φ
-                state = new_episode(state, phi)
-            state = loop.setup(state, k_setup)
-            logger.debug("episode %d: %s setup done", episode, type(opt).__name__)
-        state, phi, records, call_index = loop.episode(state, phi, k_run, call_index)
-        step_records.append(records)
-        episode_records.append(programs.episode_record(state))
-        if callback is not None:
-            callback(episode, state, records)
-        if bar is not None:  # the user asked for feedback: one read per episode
-            bar.update(1)
-            bar.set_postfix(val_loss=f"{float(jnp.mean(records['val_loss'][..., -1])):.4g}")
-    if bar is not None:
+    try:
+        for episode in range(num_episodes):
+            k_refit, k_run = episode_keys(episode)
+            if refit is not None and episode % refit.every == 0:
+                if config.restart:  # the refit (θ) starts from the episode's φ
+                    state = new_episode(state, phi)
+                state = loop.refit(state, k_refit)
+                logger.debug("episode %d: %s refit done", episode, type(opt).__name__)
+            state, phi, records = loop.episode(state, phi, k_run)
+            step_records.append(records)
+            episode_records.append(programs.episode_record(state))
+            if callback is not None:
+                info = {**records, "meta_params": phi} if config.restart else records
+                callback(episode, state, info)
+            bar.update(1)  # the user asked for feedback: one read per episode
+            if progress_enabled(progress):
+                bar.set_postfix(val_loss=f"{float(jnp.mean(records['val_loss'][..., -1])):.4g}")
+    finally:
         bar.close()
     axis = 1 if population else 0
     history = {k: jnp.stack([r[k] for r in step_records], axis) for k in step_records[0]}
@@ -260,7 +249,7 @@ def _drive(loop: _Loop, state, episode_keys, num_episodes, callback, progress, p
 
 
 def _episode_keys(key: jax.Array, episode: int) -> tuple[jax.Array, jax.Array]:
-    """The (setup, run) keys of an episode: a pure function of the run's key and the index."""
+    """The (refit, run) keys of an episode: a pure function of the run's key and the index."""
     k_setup, k_run = jax.random.split(jax.random.fold_in(key, episode))
     return k_setup, k_run
 
@@ -284,22 +273,24 @@ def run(
 ) -> RunResult:
     """Train ``num_episodes`` episodes of ``episode_length`` step calls; one signature for all.
 
-    Each step call is ``optimizer.step`` — one inner step and one hyper-update (Greedy: an
-    outer step of ``unroll_steps`` inner steps) — or, with ``hyper_update_every = k > 1``,
-    only every k-th call updates λ and the others take inner steps alone. With
+    The loop's unit is a window: its batches are drawn, then
+    ``optimizer.apply(optimizer.estimate(state, window, ...))`` — one hyper-update. For an
+    online optimizer (FO, One-Step, T1-T2, HyperDistill) a window is ``hyper_update_every``
+    = k step calls of one inner step each (k - 1 inner steps with λ fixed, then the
+    estimator's step); for a window optimizer (Greedy, exact reverse mode) a window is one
+    step call of ``unroll_steps`` inner steps, and ``hyper_update_every`` must stay 1. With
     ``lr_reptile`` set, every episode restarts the weights (and the inner optimizer state)
     from a meta-initialisation φ, updated after the episode by Reptile,
     ``φ ← φ - lr_reptile (φ - w_T)`` (1 means ``φ ← w_T``, 0 a fixed restart point) — as
     HyperDistill's Algorithm 3 does; without it the run is one long trajectory cut into
-    episodes, each opening a new estimation window (``begin_window``: HyperDistill's horizon
-    restarts, the weights carry on). An optimizer with an ``episode_setup_period`` P
-    (HyperDistill: its ``estimation_period``) runs its setup (θ estimation) at episodes
-    0, P, 2P, … on ``episode_length`` freshly drawn batches.
+    episodes. An optimizer with a ``refit`` record (HyperDistill: θ every
+    ``estimation_period`` episodes) has it run at episodes 0, P, 2P, … on freshly drawn
+    batches, after the episode's restart.
 
     Data: a :class:`~gradhpo.training.data.Sampler` or a fixed batch runs every episode as
-    one compiled ``lax.scan``; a callable ``() -> batch`` or an iterator runs one jitted call
-    per step (see :mod:`gradhpo.training.data`). Programs compile once: the step counter,
-    the learning rates and the schedule values are traced.
+    one compiled ``lax.scan`` over its windows; a callable ``() -> batch`` or an iterator
+    runs one jitted call per window (see :mod:`gradhpo.training.data`). Programs compile
+    once: the step counter, the learning rates and the schedule values are traced.
 
     Args:
       optimizer: any :class:`~gradhpo.core.base.BilevelOptimizer`.
@@ -307,16 +298,19 @@ def run(
       train_data, val_data: batch sources (see above).
       train_loss_fn, val_loss_fn: ``loss(params, hyperparams, batch) -> scalar``.
       num_episodes: M ≥ 1.
-      episode_length: step calls per episode (default: the optimizer's ``T`` where it has
-        one, e.g. HyperDistill).
+      episode_length: step calls per episode, a multiple of ``hyper_update_every``
+        (default: the number of batches of the optimizer's ``refit``, HyperDistill's
+        ``T``).
       lr_hyper: the hyper step size for optimizers without an ``outer_optimizer``: a float,
         a scalar array, or a schedule ``n -> lr`` (an optax schedule, or any jittable
-        callable) evaluated at ``n`` = hyper-updates made so far (counted from
-        ``state.step``). Must be ``None`` with an ``outer_optimizer``.
-      hyper_update_every: k ≥ 1, update λ at every k-th step call.
+        callable) evaluated at ``n`` = hyper-updates made so far (``state.step`` divided
+        by the window's inner steps). Must be ``None`` with an ``outer_optimizer``.
+      hyper_update_every: k ≥ 1, update λ at every k-th step call (online optimizers).
       lr_reptile: ``None`` (no restarts) or η_Reptile ∈ [0, 1].
       key: PRNG key for the samplers (default ``PRNGKey(0)``).
-      callback: ``callback(episode, state, step_records)`` after every episode (host side).
+      callback: ``callback(episode, state, records)`` after every episode (host side):
+        ``records`` holds the episode's window records and, with restarts,
+        ``"meta_params"``, φ after the episode's Reptile update.
       progress: show a tqdm bar; default: on in a terminal, off when ``CI`` is set.
 
     Returns:
@@ -334,11 +328,16 @@ def run(
       ...              lr_hyper=optax.exponential_decay(0.5, 10, 0.5), progress=False)
       >>> int(result.state.step), result.history["val_loss"].shape
       (30, (3, 10))
+      >>> greedy = gradhpo.GreedyOptimizer(optax.sgd(0.1), optax.adam(0.1), unroll_steps=5)
+      >>> out = run(greedy, greedy.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones(2), jnp.ones(2),
+      ...           train, val, num_episodes=2, episode_length=4, progress=False)
+      >>> int(out.state.step), out.history["hyper_update"].shape  # 2 x 4 windows of 5 steps
+      (40, (2, 4))
 
     References:
       Lee et al., ICLR 2022, Algorithm 3; Nichol et al., 2018 (Reptile).
     """
-    options = {name: value for name, value in locals().items() if name in _OPTIONS}
+    options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
     loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False)
     key = jax.random.PRNGKey(0) if key is None else key
     episode_keys = partial(_episode_keys, key)
@@ -397,7 +396,7 @@ def run_population(
     References:
       Lee et al., ICLR 2022, Algorithm 3.
     """
-    options = {name: value for name, value in locals().items() if name in _OPTIONS}
+    options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
     loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, True)
     population = int(jnp.shape(states.step)[0]) if jnp.ndim(states.step) == 1 else None
     if population is None:

@@ -1,7 +1,8 @@
-"""The compiled programs of the training loops: one episode as a ``lax.scan``, the setup.
+"""The compiled programs of the training loops: a window, an episode of windows, a refit.
 
 Everything here is traced: the optimizer, the loss functions and a :class:`Config` are
 static, so one program serves every episode and every later run with the same settings.
+A window is the loop's only unit: draw its batches, then ``apply(estimate(...))``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradhpo.core.base import BilevelOptimizer
+from gradhpo.core.base import BilevelOptimizer, WindowOptimizer
+from gradhpo.core.batches import Stacked
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import LossFn, PyTree
 from gradhpo.training.data import Sampler
@@ -21,10 +23,20 @@ from gradhpo.utils.tree import tree_norm
 
 
 class Config(NamedTuple):
-    """Static settings of the compiled episode program."""
+    """Static settings of the compiled programs.
 
-    episode_length: int
-    hyper_update_every: int
+    Attributes:
+      windows: windows (hyper-updates) per episode.
+      calls_per_window: step calls a window covers (``hyper_update_every`` for an online
+        optimizer, 1 for a window optimizer).
+      window_steps: inner steps a window covers.
+      restart: episodes restart the weights from φ (Reptile).
+      schedule: a jittable ``n -> lr_hyper`` of the hyper-update count, or ``None``.
+    """
+
+    windows: int
+    calls_per_window: int
+    window_steps: int
     restart: bool
     schedule: Callable[[jax.Array], jax.Array] | None
 
@@ -36,16 +48,18 @@ def hyper_summary(hyperparams: PyTree) -> tuple[jax.Array, jax.Array]:
     return total / count, tree_norm(hyperparams)
 
 
-def record(state: BilevelState, hyper_update: jax.Array) -> dict[str, jax.Array]:
-    md = state.metadata
-    mean, norm = hyper_summary(state.hyperparams)
+def record(old: BilevelState, new: BilevelState) -> dict[str, jax.Array]:
+    """The per-window records of the history."""
+    md = new.metadata
+    mean, norm = hyper_summary(new.hyperparams)
+    skipped = md["skipped_hyper_updates"] - old.metadata["skipped_hyper_updates"]
     return {
         "train_loss": md["train_loss"],
         "val_loss": md["val_loss"],
         "hypergrad_norm": md["hypergrad_norm"],
         "hyper_mean": mean,
         "hyper_norm": norm,
-        "hyper_update": jnp.asarray(hyper_update),
+        "hyper_update": skipped == 0,
     }
 
 
@@ -56,53 +70,62 @@ def episode_record(state: BilevelState) -> dict[str, Any]:
     return record
 
 
-def lr_at(config: Config, lr_hyper: Any, n_updates: jax.Array) -> Any:
-    """The hyper step size after ``n_updates`` hyper-updates (a schedule is traced)."""
+def lr_at(config: Config, lr_hyper: Any, state: BilevelState) -> Any:
+    """The hyper step size after the hyper-updates made so far (a schedule is traced)."""
     if config.schedule is None:
         return lr_hyper
+    n_updates = state.step // config.window_steps
     # The widest integer in use (int64 under x64), so the schedule's value has full precision.
     return config.schedule(jnp.asarray(n_updates, jax.dtypes.canonicalize_dtype(jnp.int64)))
 
 
-def one_call(
-    opt: BilevelOptimizer, state, train_batch, val_batch, tl, vl, lr, is_hyper, config: Config
-) -> BilevelState:
-    """One step call: a full step, or (between hyper-updates) inner steps only."""
+def train_window(opt: BilevelOptimizer, config: Config, train: Sampler, keys) -> Stacked:
+    """The window's training batches, from its call keys (one key per step call).
 
-    def full(s):
-        return opt.run_step(s, train_batch, val_batch, tl, vl, lr)
-
-    def inner_only(s):
-        if opt.steps_per_call == 1:
-            return opt.inner_step(s, train_batch, tl)
-        batches = train_batch.batches  # Stacked, one batch per inner step
-        return jax.lax.scan(lambda c, b: (opt.inner_step(c, b, tl), None), s, batches)[0]
-
-    if config.hyper_update_every == 1:
-        return full(state)
-    return jax.lax.cond(is_hyper, full, inner_only, state)
+    Step call c draws its training batch with ``split(keys[c])[0]``; a window optimizer's
+    call splits that key once more, one key per unrolled step. A window sampler
+    (``Sampler(..., window=True)``) draws the whole window from the first call's key.
+    """
+    train_keys = jax.vmap(lambda k: jax.random.split(k)[0])(keys)
+    if train.window:
+        return Stacked(train.draw_window(train_keys[0], config.window_steps))
+    if isinstance(opt, WindowOptimizer):
+        return Stacked(jax.vmap(train)(jax.random.split(train_keys[0], config.window_steps)))
+    return Stacked(jax.vmap(train)(train_keys))
 
 
-def stack_for_call(opt: BilevelOptimizer, batches: PyTree) -> Any:
-    """Wrap ``steps_per_call`` stacked batches as the optimizer's step expects them."""
-    from gradhpo.algorithms.greedy import Stacked
+def val_batch_of(val: Sampler, keys) -> Any:
+    """The window's validation batch: ``split(keys[-1])[1]``, or a window sampler's draw.
 
-    return Stacked(batches)
-
-
-def draw(opt: BilevelOptimizer, sampler: Sampler, key: jax.Array) -> Any:
-    if opt.steps_per_call == 1:
-        return sampler(key)
-    stacked = jax.vmap(sampler)(jax.random.split(key, opt.steps_per_call))
-    return stack_for_call(opt, stacked)
+    A window validation sampler gets the key of the window's training draw, so that both
+    can come from one task.
+    """
+    if val.window:
+        return val.draw_window(jax.random.split(keys[0])[0])
+    return val(jax.random.split(keys[-1])[1])
 
 
-def call_index(opt: BilevelOptimizer, state: BilevelState) -> jax.Array:
-    return state.step // opt.steps_per_call
+def window_batches(opt, config, train, val, keys):
+    """``(train_window(...), val_batch_of(...))``."""
+    return train_window(opt, config, train, keys), val_batch_of(val, keys)
 
 
-def hyper_due(config: Config, call_index) -> Any:
-    return (call_index + 1) % config.hyper_update_every == 0
+def apply_window(opt, tl, vl, config, state, window, val_batch, lr_hyper):
+    """``apply(estimate(window))``: the one thing a loop does with an optimizer."""
+    estimate = opt.estimate(state, window, val_batch, tl, vl)
+    return opt.apply(state, estimate, lr_at(config, lr_hyper, state))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def jit_window(opt, tl, vl, config, state, window, val_batch, lr_hyper):
+    """One window from given batches, with its record (the host-data path)."""
+    opt._check_state(state)
+    new = apply_window(opt, tl, vl, config, state, window, val_batch, lr_hyper)
+    return new, record(state, new)
+
+
+jit_train_window = jax.jit(train_window, static_argnums=(0, 1))
+jit_val_batch = jax.jit(val_batch_of)
 
 
 def episode_scan(
@@ -118,31 +141,27 @@ def episode_scan(
     lr_hyper: Any,
     lr_reptile: Any,
 ):
-    """One episode as one ``lax.scan`` (jittable data). Returns (state, φ, step records)."""
-    state = opt.new_episode(state, phi) if config.restart else opt.begin_window(state)
+    """One episode as one ``lax.scan`` over its windows. Returns (state, φ, window records)."""
+    opt._check_state(state)
+    if config.restart:
+        state = opt.new_episode(state, phi)
+    keys = episode_call_keys(key, config)
 
-    def body(state, key_t):
-        k_train, k_val = jax.random.split(key_t)
-        call = call_index(opt, state)
-        is_hyper = hyper_due(config, call)
-        lr = lr_at(config, lr_hyper, call // config.hyper_update_every)
-        new = one_call(
-            opt,
-            state,
-            draw(opt, train_src, k_train),
-            val_src(k_val),
-            tl,
-            vl,
-            lr,
-            is_hyper,
-            config,
-        )
-        return new, record(new, is_hyper)
+    def body(state, keys_w):
+        window, val_batch = window_batches(opt, config, train_src, val_src, keys_w)
+        new = apply_window(opt, tl, vl, config, state, window, val_batch, lr_hyper)
+        return new, record(state, new)
 
-    state, records = jax.lax.scan(body, state, jax.random.split(key, config.episode_length))
+    state, records = jax.lax.scan(body, state, keys)
     if config.restart:
         phi = reptile(phi, state.params, lr_reptile)
     return state, phi, records
+
+
+def episode_call_keys(key: jax.Array, config: Config) -> jax.Array:
+    """One key per step call of the episode, grouped by window: ``(windows, calls, 2)``."""
+    keys = jax.random.split(key, config.windows * config.calls_per_window)
+    return keys.reshape(config.windows, config.calls_per_window, *keys.shape[1:])
 
 
 def reptile(phi: PyTree, w_T: PyTree, lr_reptile: Any) -> PyTree:
@@ -150,16 +169,29 @@ def reptile(phi: PyTree, w_T: PyTree, lr_reptile: Any) -> PyTree:
     return jax.tree.map(lambda p, w: (1 - lr_reptile) * p + lr_reptile * w, phi, w_T)
 
 
-def setup_jittable(opt, tl, vl, state, key, train_src, val_src):
-    """``episode_setup`` (HyperDistill: θ) with T freshly drawn batches."""
+def refit_batches(opt: BilevelOptimizer, train_src: Sampler, val_src: Sampler, key):
+    """The fresh batches of the optimizer's ``refit`` (HyperDistill: θ on T batches)."""
+    n = opt.refit.num_batches
     k_train, k_val = jax.random.split(key)
-    T = opt.default_episode_length
-    batches = jax.vmap(train_src)(jax.random.split(k_train, T))
-    return opt.episode_setup(state, batches, val_src(k_val), tl, vl)
+    if train_src.window:
+        batches = train_src.draw_window(k_train, n)
+    else:
+        batches = jax.vmap(train_src)(jax.random.split(k_train, n))
+    return batches, val_src.draw_window(k_train) if val_src.window else val_src(k_val)
+
+
+def refit_jittable(opt, tl, vl, state, key, train_src, val_src):
+    batches, val_batch = refit_batches(opt, train_src, val_src, key)
+    return opt.refit.fn(state, batches, val_batch, tl, vl)
 
 
 jit_episode = jax.jit(episode_scan, static_argnums=(0, 1, 2, 3))
-jit_setup_draw = jax.jit(setup_jittable, static_argnums=(0, 1, 2))
+jit_refit_draw = jax.jit(refit_jittable, static_argnums=(0, 1, 2))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def jit_refit(opt, tl, vl, state, batches, val_batch):
+    return opt.refit.fn(state, batches, val_batch, tl, vl)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -171,11 +203,6 @@ def population_episode(opt, tl, vl, config, states, phi, keys, train, val, lr, l
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def population_setup(opt, tl, vl, states, keys, train, val):
-    setup = partial(setup_jittable, opt, tl, vl)
-    return jax.vmap(setup, in_axes=(0, 0, None, None))(states, keys, train, val)
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def jit_setup(opt, tl, vl, state, batches, val_batch):
-    return opt.episode_setup(state, batches, val_batch, tl, vl)
+def population_refit(opt, tl, vl, states, keys, train, val):
+    refit = partial(refit_jittable, opt, tl, vl)
+    return jax.vmap(refit, in_axes=(0, 0, None, None))(states, keys, train, val)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from gradhpo.core.types import PyTree
+PyTree = Any
 
 
 def tree_add(a: PyTree, b: PyTree) -> PyTree:

@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradhpo.experiments import report
-from gradhpo.experiments.data import digits
-from gradhpo.experiments.loop import Task, TaskFns, train
-from gradhpo.experiments.methods import Settings, build
-from gradhpo.experiments.models import cross_entropy, mlp
-from gradhpo.experiments.search import random_search, tpe_search
+from gradhpo_bench import report
+from gradhpo_bench.data import digits
+from gradhpo_bench.loop import Task, TaskFns, train
+from gradhpo_bench.methods import Settings, build
+from gradhpo_bench.models import cross_entropy, mlp
+from gradhpo_bench.search import random_search, tpe_search
 
 METHOD_KEYS = ("one-step", "t1t2", "greedy", "hyperdistill", "exact")
 STARTS = (-5.0, -4.0, -3.0, -2.0, -1.0)  # log10 of both strengths

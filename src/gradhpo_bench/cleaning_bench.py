@@ -19,17 +19,17 @@ import pathlib
 import jax
 import numpy as np
 
-from gradhpo.experiments import report
-from gradhpo.experiments.cleaning import MethodResult, make_task, run_method, run_search
-from gradhpo.experiments.data import (
+from gradhpo_bench import report
+from gradhpo_bench.cleaning import MethodResult, make_task, run_method, run_search
+from gradhpo_bench.data import (
     IDX_SOURCES,
     cleaning_split,
     digits,
     idx_paths,
     load_idx_dataset,
 )
-from gradhpo.experiments.methods import METHODS, Settings, build_all
-from gradhpo.experiments.metrics import format_interval
+from gradhpo_bench.methods import METHODS, Settings, build_all
+from gradhpo_bench.metrics import format_interval
 
 #: The Greedy paper's Table 2 (accuracy %, on the tuning split): no tuning, T1-T2, IFT(5),
 #: Greedy, per data set and noise level.

@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-#: Bench name -> module under gradhpo.experiments.
+#: Bench name -> module under gradhpo_bench.
 BENCHES = {
     "toys": "toys",
     "fidelity": "fidelity",
@@ -38,7 +38,7 @@ _HELP = {
 
 
 def _module(name: str):
-    return importlib.import_module(f"gradhpo.experiments.{name}")
+    return importlib.import_module(f"gradhpo_bench.{name}")
 
 
 def _common(parser: argparse.ArgumentParser, name: str) -> None:
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
       An ``argparse.ArgumentParser`` with subcommands ``demo`` and ``bench NAME``.
 
     Example:
-      >>> from gradhpo.cli import build_parser
+      >>> from gradhpo_bench.cli import build_parser
       >>> args = build_parser().parse_args(["bench", "toys", "--quick"])
       >>> args.command, args.name, args.quick
       ('bench', 'toys', True)
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status (0). Bad arguments and an unwritable output folder exit with
       status 2 and an argparse-style message before any work starts.
     """
-    from gradhpo.experiments import report
+    from gradhpo_bench import report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

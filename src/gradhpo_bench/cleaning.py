@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradhpo.experiments import report
-from gradhpo.experiments.data import CleaningData
-from gradhpo.experiments.loop import Task, TaskFns, cosine_and_ratio, horizon_hypergradients, train
-from gradhpo.experiments.methods import Method, Settings, build
-from gradhpo.experiments.metrics import auroc
-from gradhpo.experiments.models import Model, accuracy, convnet, cross_entropy, mlp
-from gradhpo.experiments.search import SearchResult, random_search, tpe_search
+from gradhpo_bench import report
+from gradhpo_bench.data import CleaningData
+from gradhpo_bench.loop import Task, TaskFns, cosine_and_ratio, horizon_hypergradients, train
+from gradhpo_bench.methods import Method, Settings, build
+from gradhpo_bench.metrics import auroc
+from gradhpo_bench.models import Model, accuracy, convnet, cross_entropy, mlp
+from gradhpo_bench.search import SearchResult, random_search, tpe_search
 
 #: ``--model`` choices for the vector data sets, and their layer sizes after the input.
 VECTOR_MODELS = {"softmax": (), "mlp": (64,)}
@@ -57,7 +57,7 @@ def model_for(model: str, input_shape: tuple[int, ...], classes: int) -> Model:
     Cached, so one model (and one set of loss functions) serves every seed.
 
     Example:
-      >>> from gradhpo.experiments.cleaning import model_for
+      >>> from gradhpo_bench.cleaning import model_for
       >>> model_for("mlp", (64,), 10).name
       'MLP 64-64-10'
     """
@@ -75,7 +75,7 @@ def task_fns(model: Model, batch_size: int | None) -> TaskFns:
       batch_size: examples per inner step, or ``None`` for the full training set.
 
     Returns:
-      :class:`~gradhpo.experiments.loop.TaskFns`; the data they read is
+      :class:`~gradhpo_bench.loop.TaskFns`; the data they read is
       ``{"train": {"x", "y", "idx"}, "val": {"x", "y"}, "test": {"x", "y"}}``.
     """
     apply = model.apply
@@ -112,14 +112,14 @@ def task_fns(model: Model, batch_size: int | None) -> TaskFns:
 def make_task(
     data: CleaningData, model: str, seed: int, batch_size: int | None = None
 ) -> tuple[Task, Model]:
-    """The hyper-cleaning :class:`~gradhpo.experiments.loop.Task` for ``data``.
+    """The hyper-cleaning :class:`~gradhpo_bench.loop.Task` for ``data``.
 
     λ starts at 0 (every weight σ(0) = ½); the model's weights from ``PRNGKey(seed)``.
 
     Example:
       >>> import numpy as np
-      >>> from gradhpo.experiments.cleaning import make_task
-      >>> from gradhpo.experiments.data import cleaning_split
+      >>> from gradhpo_bench.cleaning import make_task
+      >>> from gradhpo_bench.data import cleaning_split
       >>> x, y = np.random.default_rng(0).normal(size=(60, 4)), np.arange(60) % 3
       >>> task, model = make_task(cleaning_split(x, y, n_train=30, n_val=10, noise=0.3,
       ...                                        seed=0), "softmax", 0)
@@ -145,7 +145,7 @@ def probe_steps(outer_steps: int, count: int = 4) -> list[int]:
     """The outer steps at which hypergradients are compared with the exact one.
 
     Example:
-      >>> from gradhpo.experiments.cleaning import probe_steps
+      >>> from gradhpo_bench.cleaning import probe_steps
       >>> probe_steps(200)
       [0, 50, 100, 150]
     """
@@ -166,7 +166,7 @@ def run_method(
 
     The cosine is the mean, over :func:`probe_steps`, of the cosine between the method's
     hypergradient and the exact one for that outer step (see
-    :func:`~gradhpo.experiments.loop.horizon_hypergradients`); NaN for no tuning or
+    :func:`~gradhpo_bench.loop.horizon_hypergradients`); NaN for no tuning or
     without ``probes``.
 
     Returns:

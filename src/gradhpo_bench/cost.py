@@ -5,7 +5,7 @@ minibatches of 128 digits, with one L2 strength ``exp(λ)`` per weight (as many
 hyperparameters as weights), plain SGD lr 0.05, float32.
 
 For each horizon T, each method's compiled outer step (T inner steps and its hypergradient,
-see :mod:`~gradhpo.experiments.methods`) is timed after compilation and divided by T times
+see :mod:`~gradhpo_bench.methods`) is timed after compilation and divided by T times
 the time of one plain jitted SGD step measured in the same run: *cost per inner step in
 plain-step units*. The exact rows time ``gradhpo.reverse_hypergradient`` through T steps
 alone, without and with ``checkpoint_every = ⌈√T⌉``; the HyperDistill θ row times one run of
@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradhpo.experiments import report
-from gradhpo.experiments.data import digits
-from gradhpo.experiments.loop import Task, TaskFns, init_state, outer_step
-from gradhpo.experiments.methods import LABELS, METHODS, Settings, build
-from gradhpo.experiments.models import cross_entropy, mlp
 from gradhpo.reference import reverse_hypergradient
+from gradhpo_bench import report
+from gradhpo_bench.data import digits
+from gradhpo_bench.loop import Task, TaskFns, init_state, outer_step
+from gradhpo_bench.methods import LABELS, METHODS, Settings, build
+from gradhpo_bench.models import cross_entropy, mlp
 
 HORIZONS = (1, 10, 100, 1000)
 INNER_LR = 0.05

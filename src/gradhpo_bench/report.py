@@ -12,6 +12,9 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from gradhpo.training.progress import progress_bar as _progress_bar
+from gradhpo.training.progress import progress_enabled as _progress_enabled
+
 
 class OutputDirError(ValueError):
     """The output folder cannot be created or written."""
@@ -33,7 +36,7 @@ def prepare_output_dir(path: str | pathlib.Path) -> pathlib.Path:
 
     Example:
       >>> import tempfile, pathlib
-      >>> from gradhpo.experiments.report import prepare_output_dir
+      >>> from gradhpo_bench.report import prepare_output_dir
       >>> prepare_output_dir(pathlib.Path(tempfile.mkdtemp()) / "a" / "b").is_dir()
       True
     """
@@ -65,7 +68,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table; floats with three decimals (three significant digits below 1e-3).
 
     Example:
-      >>> from gradhpo.experiments.report import markdown_table
+      >>> from gradhpo_bench.report import markdown_table
       >>> print(markdown_table(["a", "b"], [["x", 0.12345], ["y", float("nan")]]))
       | a | b |
       |---|---|
@@ -81,7 +84,7 @@ def parse_markdown_tables(text: str) -> list[list[dict[str, str]]]:
     """Every Markdown table in ``text``, as lists of ``{column: cell}`` rows.
 
     Example:
-      >>> from gradhpo.experiments.report import parse_markdown_tables
+      >>> from gradhpo_bench.report import parse_markdown_tables
       >>> parse_markdown_tables("x\\n| a | b |\\n|---|---|\\n| 1 | 2 |\\n")
       [[{'a': '1', 'b': '2'}]]
     """
@@ -114,7 +117,7 @@ def provenance(argv: Sequence[str] | None = None) -> str:
     """Markdown lines stating the command and the versions that produced a report.
 
     Example:
-      >>> from gradhpo.experiments.report import provenance
+      >>> from gradhpo_bench.report import provenance
       >>> "gradhpo demo --quick" in provenance(["demo", "--quick"])
       True
     """
@@ -159,48 +162,34 @@ def save_figure(fig: Any, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def progress_enabled() -> bool:
-    """Whether to draw a progress bar: only on a terminal, never when ``CI`` is true.
+    """Whether to draw a progress bar: gradhpo's one policy (a terminal, and not under CI).
 
     Example:
       >>> import os
       >>> from unittest import mock
-      >>> from gradhpo.experiments.report import progress_enabled
+      >>> from gradhpo_bench.report import progress_enabled
       >>> with mock.patch.dict(os.environ, {"CI": "true"}):
       ...     progress_enabled()
       False
     """
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        return False
-    return sys.stderr.isatty()
+    return _progress_enabled(None)
 
 
 def progress_bar(total: int, desc: str):
-    """A tqdm bar over ``total`` outer steps where :func:`progress_enabled`, else a no-op.
+    """A bar over ``total`` outer steps where :func:`progress_enabled`, else a no-op.
 
     Returns:
       An object with ``update(n)`` and ``close()``.
     """
-    if not progress_enabled():
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="outer step", leave=False)
+    return _progress_bar(total, desc, "outer step")
 
 
 def positive_int(text: str) -> int:
     """An ``argparse`` type: an integer >= 1.
 
     Example:
-      >>> from gradhpo.experiments.report import positive_int
+      >>> from gradhpo_bench.report import positive_int
       >>> positive_int("3")
       3
     """
@@ -219,7 +208,7 @@ def noise_fraction(text: str) -> float:
     """An ``argparse`` type: a fraction of corrupted labels in [0, 0.9].
 
     Example:
-      >>> from gradhpo.experiments.report import noise_fraction
+      >>> from gradhpo_bench.report import noise_fraction
       >>> noise_fraction("0.3")
       0.3
     """
@@ -247,7 +236,7 @@ def write_report(path: pathlib.Path, title: str, lines: Sequence[str]) -> str:
 
     Example:
       >>> import pathlib, tempfile
-      >>> from gradhpo.experiments.report import write_report
+      >>> from gradhpo_bench.report import write_report
       >>> path = pathlib.Path(tempfile.mkdtemp()) / "r.md"
       >>> write_report(path, "Title", ["body"]).splitlines()[0]
       '# Title'

@@ -21,9 +21,9 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from gradhpo.experiments import report
-from gradhpo.experiments.loop import Task, TaskFns, train
-from gradhpo.experiments.methods import METHODS, Method, Settings, build, build_all
+from gradhpo_bench import report
+from gradhpo_bench.loop import Task, TaskFns, train
+from gradhpo_bench.methods import METHODS, Method, Settings, build, build_all
 
 G = jnp.array([1.0, 0.5])
 GREEDY_SETTINGS = Settings(
@@ -95,7 +95,7 @@ def darts_methods() -> list[tuple[Method, float]]:
     """The DARTS toy's methods with their predicted fixed point ``2/(1 + 2ξ)``.
 
     Example:
-      >>> from gradhpo.experiments.toys import darts_methods
+      >>> from gradhpo_bench.toys import darts_methods
       >>> [(m.label, round(p, 3)) for m, p in darts_methods()][-1]
       ('T1-T2 (DARTS, ξ = 0.7)', 0.833)
     """

@@ -23,9 +23,9 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from gradhpo.experiments import report
-from gradhpo.experiments.loop import Task, TaskFns, train
-from gradhpo.experiments.methods import METHODS, Settings, build_all
+from gradhpo_bench import report
+from gradhpo_bench.loop import Task, TaskFns, train
+from gradhpo_bench.methods import METHODS, Settings, build_all
 
 #: Lee et al. 2022, Table 4: meta-test MSE on sinusoid regression (T = 30).
 PAPER = {"hyperdistill": 0.327, "fo": 0.567, "one-step": 0.670}
@@ -70,7 +70,7 @@ def mse(head, lam, batch):
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from gradhpo.experiments.metalearning import mse
+      >>> from gradhpo_bench.metalearning import mse
       >>> lam = [{"w": jnp.ones((1, 2)), "b": jnp.zeros(2)}]
       >>> head = {"w": jnp.ones(2), "b": jnp.zeros(())}
       >>> float(mse(head, lam, {"x": jnp.ones((3, 1)), "y": jnp.full(3, 2.0)}))

@@ -79,7 +79,7 @@ def read_idx(path: str | pathlib.Path) -> np.ndarray:
 
     Example:
       >>> import pathlib, tempfile, numpy as np
-      >>> from gradhpo.experiments.data import read_idx, write_idx
+      >>> from gradhpo_bench.data import read_idx, write_idx
       >>> path = pathlib.Path(tempfile.mkdtemp()) / "a-idx1-ubyte"
       >>> write_idx(path, np.array([3, 1, 4], np.uint8))
       >>> read_idx(path)
@@ -106,7 +106,7 @@ def write_idx(path: str | pathlib.Path, array: np.ndarray) -> None:
 
     Example:
       >>> import pathlib, tempfile, numpy as np
-      >>> from gradhpo.experiments.data import read_idx, write_idx
+      >>> from gradhpo_bench.data import read_idx, write_idx
       >>> path = pathlib.Path(tempfile.mkdtemp()) / "b-idx3-ubyte.gz"
       >>> write_idx(path, np.zeros((2, 3, 3), np.uint8))
       >>> read_idx(path).shape
@@ -147,7 +147,7 @@ def idx_paths(name: str, folder: str | pathlib.Path | None) -> dict[str, pathlib
       FileNotFoundError: the folder or a file is missing; the message says where to get them.
 
     Example:
-      >>> from gradhpo.experiments.data import idx_paths
+      >>> from gradhpo_bench.data import idx_paths
       >>> idx_paths("mnist", "/nonexistent")  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
@@ -188,7 +188,7 @@ def load_idx_dataset(name: str, folder: str | pathlib.Path | None) -> dict[str, 
 
     Example:
       >>> import pathlib, tempfile, numpy as np
-      >>> from gradhpo.experiments.data import IDX_FILES, load_idx_dataset, write_idx
+      >>> from gradhpo_bench.data import IDX_FILES, load_idx_dataset, write_idx
       >>> folder = pathlib.Path(tempfile.mkdtemp())
       >>> for key, stem in IDX_FILES.items():
       ...     shape = (4, 2, 2) if "images" in key else (4,)
@@ -211,7 +211,7 @@ def corrupt_labels(
 
     Example:
       >>> import numpy as np
-      >>> from gradhpo.experiments.data import corrupt_labels
+      >>> from gradhpo_bench.data import corrupt_labels
       >>> y = np.zeros(10, np.int32)
       >>> noisy = corrupt_labels(y, 0.3, 10, np.random.default_rng(0))
       >>> int((noisy != y).sum())
@@ -248,7 +248,7 @@ def cleaning_split(
 
     Example:
       >>> import numpy as np
-      >>> from gradhpo.experiments.data import cleaning_split
+      >>> from gradhpo_bench.data import cleaning_split
       >>> x, y = np.arange(20.0)[:, None], np.arange(20) % 4
       >>> d = cleaning_split(x, y, n_train=10, n_val=5, noise=0.2, seed=0)
       >>> len(d.train.x), len(d.val.x), len(d.test.x), int(d.corrupted.sum())
@@ -283,7 +283,7 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8×8 digits (1797 examples): pixels scaled to [0, 1], labels.
 
     Example:
-      >>> from gradhpo.experiments.data import digits
+      >>> from gradhpo_bench.data import digits
       >>> x, y = digits()
       >>> x.shape, int(y.max()), float(x.max())
       ((1797, 64), 9, 1.0)
@@ -298,7 +298,7 @@ def breast_cancer() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled breast-cancer set, standardised; labels as float32 0/1.
 
     Example:
-      >>> from gradhpo.experiments.data import breast_cancer
+      >>> from gradhpo_bench.data import breast_cancer
       >>> x, y = breast_cancer()
       >>> x.shape, sorted(set(y.tolist()))
       ((569, 30), [0.0, 1.0])

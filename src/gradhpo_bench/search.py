@@ -57,7 +57,7 @@ def random_search(
 
     Example:
       >>> import numpy as np
-      >>> from gradhpo.experiments.search import random_search
+      >>> from gradhpo_bench.search import random_search
       >>> r = random_search(lambda lam: (float(np.sum(lam**2)), None, 0.1), 2, -1, 1, 0.25, 0)
       >>> r.trials, r.score <= 2.0
       (3, True)
@@ -82,7 +82,7 @@ def optuna_available() -> bool:
     """Whether the optional ``optuna`` extra is installed.
 
     Example:
-      >>> from gradhpo.experiments.search import optuna_available
+      >>> from gradhpo_bench.search import optuna_available
       >>> isinstance(optuna_available(), bool)
       True
     """
@@ -105,7 +105,7 @@ def tpe_search(
       A :class:`SearchResult`, or ``None`` when optuna is not installed.
 
     Example:
-      >>> from gradhpo.experiments.search import tpe_search, optuna_available
+      >>> from gradhpo_bench.search import tpe_search, optuna_available
       >>> r = tpe_search(lambda lam: (float((lam**2).sum()), None, 0.1), 1, -1, 1, 0.01, 0)
       >>> r is None or r.trials >= 1
       True

@@ -16,10 +16,10 @@ import pathlib
 
 import jax
 
-from gradhpo.experiments import report
-from gradhpo.experiments.cleaning import MethodResult, make_task, plot, probe_steps, run_method
-from gradhpo.experiments.data import cleaning_split, digits
-from gradhpo.experiments.methods import METHODS, Settings, build_all
+from gradhpo_bench import report
+from gradhpo_bench.cleaning import MethodResult, make_task, plot, probe_steps, run_method
+from gradhpo_bench.data import cleaning_split, digits
+from gradhpo_bench.methods import METHODS, Settings, build_all
 
 HEADER = (
     "method",
@@ -101,7 +101,7 @@ def main(args: argparse.Namespace, out: pathlib.Path) -> str:
             f"{', '.join(map(str, probe_steps(args.outer_steps)))} of the cosine between the "
             "method's hypergradient for that outer step and the exact reverse-mode "
             "hypergradient through the same T inner steps, from the method's own state "
-            "(see gradhpo.experiments.loop.horizon_hypergradients). FO is zero here: λ does "
+            "(see gradhpo_bench.loop.horizon_hypergradients). FO is zero here: λ does "
             "not enter the validation loss. Time: the outer steps after compilation; compile: "
             "the outer-step program (and HyperDistill's θ estimation).",
         ],

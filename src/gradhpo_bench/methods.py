@@ -1,15 +1,17 @@
-"""The estimators as the experiments configure them, and exact reverse mode as an optimizer.
+"""The estimators as the experiments configure them.
 
-Every method makes one update of λ per *outer step* of ``T`` inner steps, with the same
-outer optimizer (Adam), so that curves against outer steps compare like with like:
+Every method makes one update of λ per *outer step* of ``T`` inner steps — one window of
+:func:`gradhpo.training.run` — with the same outer optimizer (Adam), so that curves against
+outer steps compare like with like:
 
-* ``none`` — no tuning: T inner steps, λ never moves;
-* ``fo``, ``one-step``, ``t1t2``, ``hyperdistill`` — *online* estimators: T - 1 inner steps
-  with λ fixed, then one ``step`` whose hypergradient is the method's estimate at the last
-  step of the window (HyperDistill keeps its γ-average ``w*`` over every inner step);
-* ``greedy``, ``exact`` — *window* estimators: one ``step`` over the T steps, with the
-  γ-weighted sum (Greedy) or the exact reverse-mode hypergradient through the window
-  (:class:`ReverseModeOptimizer`).
+* ``none`` — no tuning: T inner steps, λ never moves (``FOOptimizer`` with
+  ``optax.set_to_zero()`` as its outer optimizer);
+* ``fo``, ``one-step``, ``t1t2``, ``hyperdistill`` — *online* estimators: a window of
+  ``hyper_update_every = T`` steps, T - 1 inner steps with λ fixed and then the method's
+  estimate at the last step (HyperDistill keeps its γ-average ``w*`` over every inner step);
+* ``greedy``, ``exact`` — *window* estimators (``unroll_steps = T``): the γ-weighted sum
+  (Greedy) or the exact reverse-mode hypergradient through the window
+  (:class:`gradhpo.ReverseModeOptimizer`).
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import optax
 
-from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
-from gradhpo.algorithms.greedy import GreedyOptimizer
-from gradhpo.algorithms.online import OnlineHypergradientOptimizer
-from gradhpo.algorithms.t1t2 import T1T2Optimizer
-from gradhpo.core.base import BilevelOptimizer, Estimate
+from gradhpo import (
+    BilevelOptimizer,
+    FOOptimizer,
+    GreedyOptimizer,
+    OneStepOptimizer,
+    OnlineHypergradientOptimizer,
+    ReverseModeOptimizer,
+    T1T2Optimizer,
+)
 
 #: Every method, in the order tables list them.
 METHODS = ("none", "fo", "one-step", "t1t2", "greedy", "hyperdistill", "exact")
@@ -99,62 +104,6 @@ class Settings:
         )
 
 
-class ReverseModeOptimizer(GreedyOptimizer):
-    """Exact reverse-mode hypergradient through ``unroll_steps`` inner steps, as an optimizer.
-
-    One :meth:`step` takes T inner steps from ``(w_0, s_0)`` in a ``lax.scan`` and updates
-    λ once with ``dL_val(w_T(λ), λ)/dλ``, differentiated through every step (the inner
-    optimizer state included, SPEC Part 2 item 5): the same number as
-    :func:`gradhpo.reverse_hypergradient` over the same batches, and the step Greedy
-    approximates. It shares Greedy's window interface (``step`` without ``lr_hyper``,
-    :class:`~gradhpo.Stacked` batches or one batch reused, ``steps_per_call``); only the
-    estimate differs. Memory O(P·T).
-
-    Args:
-      inner_optimizer: the inner optax optimizer (or a factory of one).
-      outer_optimizer: the optax optimizer of λ (required; ``step`` has no ``lr_hyper``).
-      unroll_steps: T ≥ 1.
-
-    Example:
-      >>> import jax.numpy as jnp, optax
-      >>> import gradhpo
-      >>> from gradhpo.experiments.methods import ReverseModeOptimizer
-      >>> train = lambda w, lam, b: 0.5 * jnp.sum((w - lam) ** 2)
-      >>> val = lambda w, lam, b: 0.5 * jnp.sum(w**2)
-      >>> opt = ReverseModeOptimizer(optax.sgd(0.5), optax.sgd(1.0), unroll_steps=3)
-      >>> state = opt.init(jnp.zeros(1), jnp.ones(1))
-      >>> batches = gradhpo.Stacked(jnp.zeros((3, 1)))
-      >>> opt.compute_hypergradient(state, batches, None, train, val)  # (1 - 0.5**3)**2
-      Array([0.765625], dtype=float32)
-
-    References:
-      Maclaurin et al., ICML 2015; Franceschi et al., ICML 2017 (reverse-mode HO).
-    """
-
-    def __init__(
-        self, inner_optimizer, outer_optimizer: optax.GradientTransformation, unroll_steps: int
-    ):
-        super().__init__(inner_optimizer, outer_optimizer, unroll_steps, gamma=1.0)
-
-    def _estimate(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
-        stacked = self._per_step(train_batch, "train_batch")
-
-        def objective(lam):
-            def body(carry, batch):  # w_t, s_t = Φ(w_{t-1}, s_{t-1}, λ; D_t)
-                batch = train_batch if batch is None else batch
-                out = self.inner(carry[0], carry[1], lam, batch, train_loss_fn)
-                return (out.params, out.inner_opt_state), out.train_loss
-
-            carry = (state.params, state.inner_opt_state)
-            (w_T, s_T), losses = jax.lax.scan(body, carry, stacked, length=self.unroll_steps)
-            return val_loss_fn(w_T, lam, val_batch), (w_T, s_T, losses[-1])
-
-        (val_loss, (w_T, s_T, train_loss)), hypergrad = jax.value_and_grad(objective, has_aux=True)(
-            state.hyperparams
-        )
-        return Estimate(hypergrad, w_T, s_T, train_loss, val_loss, num_steps=self.unroll_steps)
-
-
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A configured method: its key, display name, kind and optimizer."""
@@ -187,7 +136,7 @@ def build(key: str, settings: Settings, inner=None, xi: float | None = None) -> 
       A :class:`Method`.
 
     Example:
-      >>> from gradhpo.experiments.methods import Settings, build
+      >>> from gradhpo_bench.methods import Settings, build
       >>> m = build("greedy", Settings(T=5))
       >>> m.label, m.kind, m.opt.unroll_steps
       ('Greedy', 'window', 5)
@@ -195,7 +144,9 @@ def build(key: str, settings: Settings, inner=None, xi: float | None = None) -> 
     inner = settings.inner_optimizer() if inner is None else inner
     outer = settings.outer_optimizer()
     s = settings
-    if key in ("none", "one-step"):
+    if key == "none":  # λ never moves: an outer optimizer that makes no update
+        return Method(key, FOOptimizer(inner, optax.set_to_zero()))
+    if key == "one-step":
         return Method(key, OneStepOptimizer(inner, outer))
     if key == "fo":
         return Method(key, FOOptimizer(inner, outer))

@@ -41,7 +41,7 @@ def mlp(sizes: Sequence[int]) -> Model:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from gradhpo.experiments.models import mlp
+      >>> from gradhpo_bench.models import mlp
       >>> model = mlp([4, 8, 3])
       >>> params = model.init(jax.random.PRNGKey(0))
       >>> model.apply(params, jnp.ones((5, 4))).shape
@@ -81,7 +81,7 @@ def convnet(image_size: int, classes: int, channels: int = 8) -> Model:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from gradhpo.experiments.models import convnet
+      >>> from gradhpo_bench.models import convnet
       >>> model = convnet(8, 10)
       >>> model.apply(model.init(jax.random.PRNGKey(0)), jnp.ones((2, 8, 8))).shape
       (2, 10)
@@ -116,7 +116,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from gradhpo.experiments.models import cross_entropy
+      >>> from gradhpo_bench.models import cross_entropy
       >>> cross_entropy(jnp.zeros((1, 4)), jnp.array([2]))
       Array([1.3862944], dtype=float32)
     """
@@ -129,7 +129,7 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from gradhpo.experiments.models import accuracy
+      >>> from gradhpo_bench.models import accuracy
       >>> float(accuracy(jnp.array([[0.0, 1.0], [2.0, 0.0]]), jnp.array([1, 1])))
       0.5
     """

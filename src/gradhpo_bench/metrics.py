@@ -23,7 +23,7 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
     Example:
       >>> import numpy as np
-      >>> from gradhpo.experiments.metrics import auroc
+      >>> from gradhpo_bench.metrics import auroc
       >>> auroc(np.array([0.9, 0.8, 0.1, 0.8]), np.array([True, True, False, False]))
       0.875
     """
@@ -54,7 +54,7 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float]:
       ``(mean, half_width)``; the half-width is NaN with fewer than two values.
 
     Example:
-      >>> from gradhpo.experiments.metrics import mean_interval
+      >>> from gradhpo_bench.metrics import mean_interval
       >>> mean_interval([1.0, 2.0, 3.0])
       (2.0, 2.4841)
     """
@@ -73,7 +73,7 @@ def format_interval(values: Sequence[float], scale: float = 1.0, digits: int = 2
     """``"mean ± half-width"`` of ``values`` times ``scale`` (see :func:`mean_interval`).
 
     Example:
-      >>> from gradhpo.experiments.metrics import format_interval
+      >>> from gradhpo_bench.metrics import format_interval
       >>> format_interval([0.5, 0.7], scale=100, digits=1)
       '60.0 ± 127.1'
     """

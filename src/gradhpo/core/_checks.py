@@ -1,0 +1,79 @@
+"""Argument validation shared by every optimizer and loop: one message per kind of mistake."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int >= 1`` (numpy integers accepted); a ValueError naming ``name``.
+
+    Example:
+      >>> import numpy as np
+      >>> from gradhpo.core._checks import positive_int
+      >>> positive_int("T", np.int64(3))
+      3
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def real_in(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``).
+
+    Example:
+      >>> from gradhpo.core._checks import real_in
+      >>> real_in("gamma", 0.5, 0.0, 1.0)
+      0.5
+    """
+    bracket = "(" if low_open else "["
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (low < value if low_open else low <= value)
+        and value <= high
+    )
+    if not ok:
+        raise ValueError(f"{name} must be a number in {bracket}{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def lr_hyper_rule(has_outer_optimizer: bool, lr_hyper: Any, *, schedules: bool = False) -> None:
+    """The ``lr_hyper`` rule: required without an ``outer_optimizer``, ``None`` with one.
+
+    Args:
+      has_outer_optimizer: whether the optimizer was built with an ``outer_optimizer``.
+      lr_hyper: the value given.
+      schedules: a callable (a schedule of the hyper-update count) is accepted too.
+    """
+    if has_outer_optimizer:
+        if lr_hyper is not None:
+            raise ValueError(
+                "lr_hyper must be None when the optimizer has an outer_optimizer (its own "
+                "learning rate or optax schedule sets the step size); got a value"
+            )
+        return
+    if lr_hyper is None:
+        accepted = "a float, a scalar array" + (
+            ", an optax schedule or a callable of the hyper-update count" if schedules else ""
+        )
+        raise ValueError(
+            f"lr_hyper is required ({accepted}: the step size of gradient descent on the "
+            "hyperparameters) when the optimizer has no outer_optimizer"
+        )
+    if schedules and callable(lr_hyper):
+        return
+    if isinstance(lr_hyper, bool) or not isinstance(
+        lr_hyper, numbers.Real | jax.Array | np.ndarray | np.generic
+    ):
+        raise TypeError(f"lr_hyper must be a float or a scalar array, got {lr_hyper!r}")
+    if jnp.shape(lr_hyper) != ():
+        raise ValueError(f"lr_hyper must be a scalar, got shape {jnp.shape(lr_hyper)}")

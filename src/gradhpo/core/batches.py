@@ -1,0 +1,162 @@
+"""``Stacked``: a window of per-step batches, the unit every estimator and loop exchanges.
+
+A window is the k inner steps one hyper-update covers (DESIGN of the library: k = 1 for an
+online ``step``, ``unroll_steps`` for a window optimizer). Its batches are either k batches
+stacked along a leading step axis, or one batch reused for every step
+(:meth:`Stacked.repeat`, which stores the batch once).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from gradhpo.utils.tree import leading_axis_length, stack_batches
+
+PyTree = Any
+
+
+@jax.tree_util.register_pytree_node_class
+class Stacked:
+    """Marks a batch argument as one batch per inner step (a leading step axis of length k).
+
+    An unmarked batch given to a window optimizer is reused for every unrolled step,
+    whatever its shape, so a batch of T examples is never mistaken for T batches. Wrap the
+    batches in ``Stacked`` to give step ``t`` its own batch ``D_t`` (or validation batch
+    ``V_t``); ``Stacked.repeat(batch, k)`` is a window of k steps on one batch (stored once).
+
+    Args:
+      batches: a Python ``list`` of k same-shaped batches (stacked here, as
+        :func:`~gradhpo.utils.stack_batches` does), or one already stacked pytree whose leaves
+        all carry the leading step axis. A stacked batch whose own container is a list must
+        be given as a tuple, since a list is read as a list of batches.
+
+    Returns:
+      A pytree (its one child is the stacked batch), so it passes through ``jax.jit``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gradhpo import Stacked
+      >>> Stacked([{"x": jnp.zeros(3)}, {"x": jnp.ones(3)}]).batches["x"].shape
+      (2, 3)
+      >>> Stacked({"x": jnp.zeros((5, 3))}).num_steps
+      5
+      >>> window = Stacked.repeat({"x": jnp.zeros(3)}, 4)
+      >>> window.num_steps, window.batches["x"].shape
+      (4, (3,))
+
+    References:
+      Anonymous, generalized greedy HO, ICLR 2025 submission (one batch per unrolled step).
+    """
+
+    __slots__ = ("_repeat", "batches")
+
+    def __init__(self, batches: Sequence[PyTree] | PyTree):
+        object.__setattr__(self, "batches", stack_batches(batches))
+        object.__setattr__(self, "_repeat", None)
+        _ = self.num_steps  # a leading axis shared by every leaf, checked now
+
+    @classmethod
+    def repeat(cls, batch: PyTree, num_steps: int) -> Stacked:
+        """A window of ``num_steps`` inner steps that all use ``batch`` (stored once).
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from gradhpo import Stacked
+          >>> Stacked.repeat(jnp.ones(2), 3).at(None)
+          Array([1., 1.], dtype=float32)
+        """
+        if (
+            isinstance(num_steps, bool)
+            or not isinstance(num_steps, numbers.Integral)
+            or num_steps < 1
+        ):
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "batches", batch)
+        object.__setattr__(obj, "_repeat", int(num_steps))
+        return obj
+
+    @property
+    def num_steps(self) -> int:
+        """The number of inner steps of the window (a static int)."""
+        if self._repeat is not None:
+            return self._repeat
+        return leading_axis_length(self.batches, "Stacked batches")
+
+    @property
+    def scan_xs(self) -> PyTree:
+        """What ``lax.scan`` iterates over: the stacked batches, or ``None`` for a repeat."""
+        return None if self._repeat is not None else self.batches
+
+    def at(self, xs_t: PyTree) -> PyTree:
+        """The batch of one step, from the slice ``xs_t`` of :attr:`scan_xs` a scan hands out."""
+        return self.batches if self._repeat is not None else xs_t
+
+    def last(self) -> PyTree:
+        """The batch of the window's last step.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from gradhpo import Stacked
+          >>> Stacked(jnp.arange(3.0)[:, None]).last()
+          Array([2.], dtype=float32)
+        """
+        if self._repeat is not None:
+            return self.batches
+        return jax.tree.map(lambda x: x[-1], self.batches)
+
+    def split_last(self) -> tuple[Stacked | None, PyTree]:
+        """``(the first k - 1 steps or None, the last batch)``."""
+        if self.num_steps == 1:
+            return None, self.last()
+        if self._repeat is not None:
+            return Stacked.repeat(self.batches, self._repeat - 1), self.batches
+        head = jax.tree.map(lambda x: x[:-1], self.batches)
+        return Stacked(head), self.last()
+
+    def scan(self, body: Callable, carry: Any) -> tuple[Any, Any]:
+        """``lax.scan(lambda c, x: body(c, batch_t), carry)`` over the window's batches."""
+        return jax.lax.scan(
+            lambda c, x: body(c, self.at(x)), carry, self.scan_xs, length=self.num_steps
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Stacked is immutable")
+
+    def __repr__(self) -> str:
+        if self._repeat is not None:
+            return f"Stacked.repeat({self.batches!r}, {self._repeat})"
+        return f"Stacked({self.batches!r})"
+
+    def tree_flatten(self):
+        return (self.batches,), self._repeat
+
+    @classmethod
+    def tree_unflatten(cls, aux: int | None, children: tuple) -> Stacked:
+        # Bypasses __init__: JAX rebuilds the marker with tracers or placeholders as leaves.
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "batches", children[0])
+        object.__setattr__(obj, "_repeat", aux)
+        return obj
+
+
+def as_window(batch: PyTree | Stacked, num_steps: int | None = None) -> Stacked:
+    """``batch`` as a window: a :class:`Stacked` as it is, anything else repeated.
+
+    Args:
+      batch: a :class:`Stacked` window, or one batch.
+      num_steps: the window length a plain batch is repeated for (default 1).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gradhpo.core.batches import as_window
+      >>> as_window(jnp.ones(2), 3).num_steps
+      3
+    """
+    if isinstance(batch, Stacked):
+        return batch
+    return Stacked.repeat(batch, 1 if num_steps is None else num_steps)
