@@ -185,3 +185,44 @@ def test_every_optimizer_of_the_package_is_under_test():
         and not getattr(obj, "__abstractmethods__", None)
     }
     assert exported <= classes, exported - classes
+
+
+@names
+@pytest.mark.parametrize("source", ["iterator", "sampler"])
+def test_run_equals_a_hand_written_loop_of_steps(x64, name, source):
+    from gradhpo.training import loop as loop_module
+    from gradhpo.training import minibatches, run
+
+    opt, state0, train, val = setup(name)
+    sampler = minibatches(train, 10)
+    key = jax.random.PRNGKey(3)
+    episodes, length = 2, 3
+    window = opt.unroll_steps if isinstance(opt, WindowOptimizer) else 1
+    batches, state = [], state0
+    for e in range(episodes):  # run's documented key stream: one key per step call
+        k_refit, k_run = loop_module._episode_keys(key, e)
+        if opt.refit is not None and e % opt.refit.every == 0:  # HyperDistill's θ
+            refit_keys = jax.random.split(jax.random.split(k_refit)[0], opt.refit.num_batches)
+            refit_batches = [sampler(k) for k in refit_keys]
+            batches.extend(refit_batches)
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *refit_batches)
+            state = opt.refit.fn(state, stacked, val, l2_train_loss, val_loss)
+        for key_t in jax.random.split(k_run, length):
+            k_train = jax.random.split(key_t)[0]
+            if window == 1:
+                batch = sampler(k_train)
+                batches.append(batch)
+            else:
+                step_keys = jax.random.split(k_train, window)
+                batches.extend(sampler(k) for k in step_keys)
+                batch = Stacked(jax.vmap(sampler)(step_keys))
+            state = step(opt, state, batch, val)
+    data = iter(batches) if source == "iterator" else sampler
+    lr = None if isinstance(opt, WindowOptimizer) else LR
+    refit = {"num_episodes": episodes, "episode_length": length, "lr_hyper": lr, "key": key}
+    out = run(opt, state0, data, val, l2_train_loss, val_loss, progress=False, **refit)
+    if source == "iterator":
+        for x, y in zip(jax.tree.leaves(out.state), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(x, y)
+    else:
+        assert_close(out.state, state, rtol=1e-12, atol=1e-14)

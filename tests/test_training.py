@@ -13,8 +13,8 @@ import pytest
 from problems import l2_train_loss, l2_val_loss, logreg_data, logreg_init
 
 from gradhpo import OneStepOptimizer
+from gradhpo.training import fixed_batch, minibatches, programs, run, run_population
 from gradhpo.training import loop as loop_module
-from gradhpo.training import minibatches, programs, run, run_population
 from gradhpo.utils import count_compilations
 
 
@@ -482,3 +482,47 @@ def test_hyperdistill_window_restarts_each_episode_without_weight_restarts():
         state = opt.step(state, train, val, l2_train_loss, l2_val_loss, 0.05)
     for x, y in zip(jax.tree.leaves(out.state.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def _primitives(jaxpr):
+    """Every primitive name in ``jaxpr``, nested jaxprs (scan and cond bodies) included."""
+    from jax.extend.core import jaxprs_in_params
+
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for sub in jaxprs_in_params(eqn.params):
+            names.extend(_primitives(sub))
+    return names
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_population_windows_have_no_cond_and_one_hypergradient_per_window(every):
+    # Under vmap a lax.cond becomes a select that computes both branches: the window program
+    # has no cond at all, and k = 3 traces one estimator step per window of 3 inner steps.
+    train, val = logreg_data(seed=4)
+    opt = make_opt()
+    states = jax.vmap(lambda lam: opt.init(logreg_init(), lam))(jnp.zeros((4, 5)))
+    config = loop_module.RunOptions(episode_length=6, lr_hyper=0.1, hyper_update_every=every)
+    config = config.config(opt)
+    keys = jax.vmap(lambda k: loop_module._episode_keys(k, 0)[1])(
+        jax.random.split(jax.random.PRNGKey(0), 4)
+    )
+    jaxpr = jax.make_jaxpr(
+        lambda s, k: programs.population_episode(
+            opt,
+            l2_train_loss,
+            l2_val_loss,
+            config,
+            s,
+            s.params,
+            k,
+            minibatches(train, 10),
+            fixed_batch(val),
+            0.1,
+            0.0,
+        )
+    )(states, keys)
+    names = _primitives(jaxpr.jaxpr)
+    assert "cond" not in names and "select_n" in names  # the guards are selects, not conds
+    assert config.windows == 6 // every
