@@ -1,12 +1,14 @@
 """Shared pieces of the benchmark scripts: a float32 MLP problem, timing, Markdown tables.
 
+The model, the loss and the tables are gradhpo_bench's (the ``gradhpo`` command's), so the
+scripts and the benches measure the same things.
+
 Benchmarks report ratios measured in one run (machines are shared and noisy); absolute
 times are printed only as context.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,29 +17,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradhpo_bench import models
+from gradhpo_bench.models import mlp
+from gradhpo_bench.report import markdown_table
+
+__all__ = ["markdown_table"]  # re-exported for the scripts
+
 
 def mlp_init(key: jax.Array, sizes: Sequence[int]) -> list[dict[str, jax.Array]]:
-    """He-initialised MLP weights for layer ``sizes`` (float32)."""
-    params = []
-    for k, (n_in, n_out) in zip(
-        jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes), strict=True
-    ):
-        w = jax.random.normal(k, (n_in, n_out), jnp.float32) * jnp.sqrt(2.0 / n_in)
-        params.append({"w": w, "b": jnp.zeros(n_out, jnp.float32)})
-    return params
+    """He-initialised MLP weights for layer ``sizes`` (float32): gradhpo_bench's MLP."""
+    return mlp(sizes).init(key)
 
 
 def mlp_apply(params, x):
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
+    return mlp([0] * (len(params) + 1)).apply(params, x)  # apply reads only the weights
 
 
 def cross_entropy(params, batch):
-    logits = mlp_apply(params, batch["x"])
-    return jnp.mean(
-        jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["y"][:, None], -1)[:, 0]
-    )
+    return jnp.mean(models.cross_entropy(mlp_apply(params, batch["x"]), batch["y"]))
 
 
 def per_parameter_l2_train_loss(params, hyperparams, batch):
@@ -82,14 +79,3 @@ def seconds_per_call(
         jax.block_until_ready(carry)
         times.append((time.perf_counter() - start) / number)
     return float(np.median(times))
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; floats are printed with three significant digits."""
-
-    def fmt(v: Any) -> str:
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

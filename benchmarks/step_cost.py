@@ -191,7 +191,7 @@ def theta_rows(params, hyperparams, train, val, unit, vjp, repeats):
             opt = make_hyperdistill(T=T, theta_points=points)
 
             def setup(s, opt=opt, batches=batches):
-                return opt.episode_setup(s, batches, val, per_parameter_l2_train_loss, val_loss)
+                return opt.refit_theta(s, batches, val, per_parameter_l2_train_loss, val_loss)
 
             state = opt.init(params, hyperparams)
             seconds = seconds_per_call(setup, state, number=1, repeats=repeats)

@@ -102,7 +102,9 @@ def main(args: argparse.Namespace, out: pathlib.Path) -> str:
             "method's hypergradient for that outer step and the exact reverse-mode "
             "hypergradient through the same T inner steps, from the method's own state "
             "(see gradhpo_bench.loop.horizon_hypergradients). FO is zero here: λ does "
-            "not enter the validation loss. Time: the outer steps after compilation; compile: "
-            "the outer-step program (and HyperDistill's θ estimation).",
+            "not enter the validation loss. Every method runs through gradhpo.training.run, "
+            "one episode per outer step. Time: the outer steps, metrics excluded, the first "
+            "one counted at the median; compile: the first outer step's excess over the "
+            "median (compiling the run's programs, HyperDistill's θ estimation included).",
         ],
     )

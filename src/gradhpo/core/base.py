@@ -378,6 +378,12 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
 
     # -- shared machinery -----------------------------------------------------------------
 
+    def _step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper):
+        """``apply(estimate(...))`` after the state check: the body of both families' ``step``."""
+        self._check_state(state)
+        estimate = self.estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
+        return self.apply(state, estimate, lr_hyper)
+
     def _check_state(self, state: BilevelState) -> None:
         """Trace-time validation that ``state`` belongs to this optimizer."""
         if not isinstance(state, BilevelState):
@@ -475,9 +481,7 @@ class OnlineOptimizer(BilevelOptimizer):
           >>> int(state.step), bool(jnp.all(state.hyperparams < 0))
           (3, True)
         """
-        self._check_state(state)
-        estimate = self.estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
-        return self.apply(state, estimate, lr_hyper)
+        return self._step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper)
 
     def estimate(self, state, window, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
         """k - 1 guarded :meth:`inner_step` calls, then the estimator's last step.
@@ -638,9 +642,7 @@ class WindowOptimizer(BilevelOptimizer):
           >>> opt.step(state, batches, None, train, val).hyperparams
           Array([-0.0625], dtype=float32)
         """
-        self._check_state(state)
-        estimate = self.estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
-        return self.apply(state, estimate, None)
+        return self._step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, None)
 
     def estimate(self, state, window, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
         """The window's checked batches (a plain batch is reused), then the estimator.
