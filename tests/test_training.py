@@ -505,9 +505,7 @@ def test_population_windows_have_no_cond_and_one_hypergradient_per_window(every)
     states = jax.vmap(lambda lam: opt.init(logreg_init(), lam))(jnp.zeros((4, 5)))
     config = loop_module.RunOptions(episode_length=6, lr_hyper=0.1, hyper_update_every=every)
     config = config.config(opt)
-    keys = jax.vmap(lambda k: loop_module._episode_keys(k, 0)[1])(
-        jax.random.split(jax.random.PRNGKey(0), 4)
-    )
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
     jaxpr = jax.make_jaxpr(
         lambda s, k: programs.population_episode(
             opt,
@@ -517,6 +515,7 @@ def test_population_windows_have_no_cond_and_one_hypergradient_per_window(every)
             s,
             s.params,
             k,
+            0,  # the episode index
             minibatches(train, 10),
             fixed_batch(val),
             0.1,

@@ -1,6 +1,6 @@
 """``gradhpo bench toys``: the Greedy toy and the DARTS toy, loss curves and fixed points.
 
-* **Greedy toy** (ALGORITHMS.md, identity 10): ``L_train = ½ (w-λ)ᵀ G (w-λ)``,
+* **Greedy toy** (the Greedy paper's two-dimensional example): ``L_train = ½ (w-λ)ᵀ G (w-λ)``,
   ``G = diag(1, ½)``, plain SGD lr 0.1 (``A = diag(0.9, 0.95)``), ``L_val = ‖w‖² +
   10 ‖sin w‖²``. Every outer step restarts from ``w_0 = 0`` and takes T inner steps, so the
   objective is ``L_val(w_T(λ))`` with ``w_T = (I - A^T) λ``. Methods that weight the

@@ -18,7 +18,7 @@ and ``α_T B_T`` is estimated in one of three ways (``fd``):
 
   Two gradient evaluations whatever dim(λ); exact when ``∇_λ L_train`` is at most quadratic
   in w (per-parameter L2, for instance).
-* ``"coordinates"`` — SPEC Part 1: column i of ``B_T`` by a central difference of Φ in λ,
+* ``"coordinates"`` — per coordinate: column i of ``B_T`` by a central difference of Φ in λ,
   ``(Φ(w, λ + h_i e_i) - Φ(w, λ - h_i e_i)) / 2h_i``, so element i of ``α_T B_T`` is
   ``α_T·`` that column. One pair of Φ evaluations per scalar of λ (batched with ``vmap`` in
   chunks), any Φ; exact when Φ is affine in λ.
@@ -127,7 +127,7 @@ class T1T2Optimizer(MemorylessOnlineOptimizer):
 
     One inner step ``w_T = Φ(w_{T-1}, λ; D_T)`` (T1), then one hyper-update with
     ``g = g_FO + α_T B_T`` (T2), where ``α_T = ∇_w L_val(w_T, λ)`` and ``B_T = ∂Φ/∂λ`` at the
-    old weights with the inner optimizer state held fixed (SPEC Part 2, items 5 and 9).
+    old weights with the inner optimizer state held fixed.
     ``fd`` chooses how ``α_T B_T`` is computed:
 
     * ``"weights"`` (default) — DARTS Eq. 8, a central difference of ``∇_λ L_train`` at
@@ -144,7 +144,7 @@ class T1T2Optimizer(MemorylessOnlineOptimizer):
       ``g_FO + α_T ∂(w_{T-1} - ξ∇_w L_train)/∂λ``; ``xi=0`` is first-order DARTS
       (``g = g_FO``). An optimizer factory (λ inside the optimizer) or a stateful optax
       optimizer without ``xi`` is an error at construction.
-    * ``"coordinates"`` — SPEC Part 1's formula: element i of ``α_T B_T`` is
+    * ``"coordinates"`` — the per-coordinate formula: element i of ``α_T B_T`` is
       ``α_T·(Φ(w, s, λ + h_i e_i) - Φ(w, s, λ - h_i e_i)) / 2h_i`` with
       ``h_i = eps·max(1, |λ_i|)`` (``eps`` defaults to ``(machine epsilon)^(1/3)`` of λ's
       dtype: 6e-6 in float64, 5e-3 in float32, the step that balances truncation and

@@ -53,6 +53,14 @@ def lr_hyper_rule(has_outer_optimizer: bool, lr_hyper: Any, *, schedules: bool =
       has_outer_optimizer: whether the optimizer was built with an ``outer_optimizer``.
       lr_hyper: the value given.
       schedules: a callable (a schedule of the hyper-update count) is accepted too.
+
+    Example:
+      >>> from gradhpo.core._checks import lr_hyper_rule
+      >>> lr_hyper_rule(False, 0.1)
+      >>> lr_hyper_rule(True, 0.1)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: lr_hyper must be None when the optimizer has an outer_optimizer ...
     """
     if has_outer_optimizer:
         if lr_hyper is not None:

@@ -110,7 +110,15 @@ class Stacked:
         return jax.tree.map(lambda x: x[-1], self.batches)
 
     def split_last(self) -> tuple[Stacked | None, PyTree]:
-        """``(the first k - 1 steps or None, the last batch)``."""
+        """``(the first k - 1 steps or None, the last batch)``.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from gradhpo import Stacked
+          >>> head, last = Stacked(jnp.arange(3.0)[:, None]).split_last()
+          >>> head.num_steps, last
+          (2, Array([2.], dtype=float32))
+        """
         if self.num_steps == 1:
             return None, self.last()
         if self._repeat is not None:
@@ -119,7 +127,15 @@ class Stacked:
         return Stacked(head), self.last()
 
     def scan(self, body: Callable, carry: Any) -> tuple[Any, Any]:
-        """``lax.scan(lambda c, x: body(c, batch_t), carry)`` over the window's batches."""
+        """``lax.scan(lambda c, x: body(c, batch_t), carry)`` over the window's batches.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from gradhpo import Stacked
+          >>> total, _ = Stacked(jnp.arange(4.0)).scan(lambda c, b: (c + b, None), 0.0)
+          >>> float(total)
+          6.0
+        """
         return jax.lax.scan(
             lambda c, x: body(c, self.at(x)), carry, self.scan_xs, length=self.num_steps
         )

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gradhpo.core._checks import positive_int
 from gradhpo.core.types import Batch, PyTree
 from gradhpo.utils.tree import leading_axis_length
 
@@ -142,8 +143,7 @@ def minibatches(data: PyTree, batch_size: int, *, replace: bool = True) -> Sampl
       (4,)
     """
     n = leading_axis_length(data, "data")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size)
     if not replace and batch_size > n:
         raise ValueError(f"batch_size must be <= {n} (the number of examples), got {batch_size}")
     return Sampler(_Minibatch(batch_size, replace), jax.tree.map(jnp.asarray, data))

@@ -84,7 +84,16 @@ class RunOptions(NamedTuple):
     lr_reptile: float | None = None
 
     def config(self, opt: BilevelOptimizer) -> programs.Config:
-        """Check the options against ``opt``; the static program configuration."""
+        """Check the options against ``opt``; the static program configuration.
+
+        Example:
+          >>> import optax, gradhpo
+          >>> from gradhpo.training.loop import RunOptions
+          >>> opt = gradhpo.OneStepOptimizer(optax.sgd(0.1))
+          >>> config = RunOptions(episode_length=6, lr_hyper=0.1, hyper_update_every=3).config(opt)
+          >>> config.windows, config.window_steps
+          (2, 3)
+        """
         if not isinstance(opt, BilevelOptimizer):
             raise TypeError(f"optimizer must be a BilevelOptimizer, got {type(opt).__name__}")
         positive_int("num_episodes", self.num_episodes)
@@ -163,19 +172,18 @@ class _Loop:
             self.episode_fn = partial(programs.jit_episode, *static)
             self.refit_fn = partial(programs.jit_refit_draw, *static[:3])
 
-    def episode(self, state, phi, key):
-        """One episode: (state, φ, window records)."""
+    def episode(self, state, phi, key, episode):
+        """Episode ``episode`` of the run keyed ``key``: (state, φ, window records)."""
         if not self.jittable:
-            return self.host_episode(state, phi, key)
-        return self.episode_fn(
-            state, phi, key, self.train, self.val, self.lr_hyper, self.lr_reptile
-        )
+            return self.host_episode(state, phi, programs.episode_keys(key, episode)[1])
+        args = (self.train, self.val, self.lr_hyper, self.lr_reptile)
+        return self.episode_fn(state, phi, key, episode, *args)
 
-    def refit(self, state, key):
+    def refit(self, state, key, episode):
         """The optimizer's refit (HyperDistill: θ) on freshly drawn batches."""
         if self.jittable:
-            return self.refit_fn(state, key, self.train, self.val)
-        k_train, k_val = jax.random.split(key)
+            return self.refit_fn(state, key, episode, self.train, self.val)
+        k_train, k_val = jax.random.split(programs.episode_keys(key, episode)[0])
         n = self.opt.refit.num_batches
         if isinstance(self.train, HostSource):
             batches = stack_batches([self.train() for _ in range(n)])
@@ -214,30 +222,30 @@ class _Loop:
         return state, phi, {k: jnp.stack([r[k] for r in records]) for k in records[0]}
 
 
-def _drive(loop: _Loop, state, episode_keys, num_episodes, callback, progress, population):
-    """Run the episodes; ``episode_keys(e)`` gives the (refit, run) keys of episode e."""
+def _drive(loop: _Loop, state, key, num_episodes, callback, progress, population):
+    """Run the episodes; ``key`` is the run's key (a population's: one per member)."""
     opt, config = loop.opt, loop.config
     refit = opt.refit
     phi = state.params
     new_episode = jax.vmap(opt.new_episode) if population else opt.new_episode
-    bar = progress_bar(num_episodes, type(opt).__name__, "episode", progress)
+    show = progress_enabled(progress)
+    bar = progress_bar(num_episodes, type(opt).__name__, "episode", show)
     step_records, episode_records = [], []
     try:
         for episode in range(num_episodes):
-            k_refit, k_run = episode_keys(episode)
             if refit is not None and episode % refit.every == 0:
                 if config.restart:  # the refit (θ) starts from the episode's φ
                     state = new_episode(state, phi)
-                state = loop.refit(state, k_refit)
+                state = loop.refit(state, key, episode)
                 logger.debug("episode %d: %s refit done", episode, type(opt).__name__)
-            state, phi, records = loop.episode(state, phi, k_run)
+            state, phi, records = loop.episode(state, phi, key, episode)
             step_records.append(records)
             episode_records.append(programs.episode_record(state))
             if callback is not None:
                 info = {**records, "meta_params": phi} if config.restart else records
                 callback(episode, state, info)
             bar.update(1)  # the user asked for feedback: one read per episode
-            if progress_enabled(progress):
+            if show:
                 bar.set_postfix(val_loss=f"{float(jnp.mean(records['val_loss'][..., -1])):.4g}")
     finally:
         bar.close()
@@ -248,10 +256,8 @@ def _drive(loop: _Loop, state, episode_keys, num_episodes, callback, progress, p
     return RunResult(state, phi if config.restart else None, history)
 
 
-def _episode_keys(key: jax.Array, episode: int) -> tuple[jax.Array, jax.Array]:
-    """The (refit, run) keys of an episode: a pure function of the run's key and the index."""
-    k_setup, k_run = jax.random.split(jax.random.fold_in(key, episode))
-    return k_setup, k_run
+#: The (refit, run) keys of an episode (computed inside the compiled episode program).
+_episode_keys = programs.episode_keys
 
 
 def run(
@@ -340,8 +346,7 @@ def run(
     options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
     loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False)
     key = jax.random.PRNGKey(0) if key is None else key
-    episode_keys = partial(_episode_keys, key)
-    return _drive(loop, state, episode_keys, num_episodes, callback, progress, None)
+    return _drive(loop, state, key, num_episodes, callback, progress, None)
 
 
 def run_population(
@@ -404,7 +409,4 @@ def run_population(
     if jnp.shape(keys)[:1] != (population,):
         raise ValueError(f"keys must have a leading axis of length {population}, got {keys.shape}")
     # Member i's keys are exactly those run(key=keys[i]) would use.
-    member_keys = jax.vmap(_episode_keys, in_axes=(0, None))
-    return _drive(
-        loop, states, partial(member_keys, keys), num_episodes, callback, progress, population
-    )
+    return _drive(loop, states, keys, num_episodes, callback, progress, population)

@@ -128,6 +128,12 @@ jit_train_window = jax.jit(train_window, static_argnums=(0, 1))
 jit_val_batch = jax.jit(val_batch_of)
 
 
+def episode_keys(key: jax.Array, episode: Any) -> tuple[jax.Array, jax.Array]:
+    """The (refit, run) keys of an episode: a pure function of the run's key and the index."""
+    k_refit, k_run = jax.random.split(jax.random.fold_in(key, episode))
+    return k_refit, k_run
+
+
 def episode_scan(
     opt: BilevelOptimizer,
     tl: LossFn,
@@ -136,16 +142,20 @@ def episode_scan(
     state: BilevelState,
     phi: PyTree,
     key: jax.Array,
+    episode: Any,
     train_src: Sampler,
     val_src: Sampler,
     lr_hyper: Any,
     lr_reptile: Any,
 ):
-    """One episode as one ``lax.scan`` over its windows. Returns (state, φ, window records)."""
+    """Episode ``episode`` of the run keyed ``key``, one ``lax.scan`` over its windows.
+
+    Returns (state, φ, window records).
+    """
     opt._check_state(state)
     if config.restart:
         state = opt.new_episode(state, phi)
-    keys = episode_call_keys(key, config)
+    keys = episode_call_keys(episode_keys(key, episode)[1], config)
 
     def body(state, keys_w):
         window, val_batch = window_batches(opt, config, train_src, val_src, keys_w)
@@ -180,8 +190,8 @@ def refit_batches(opt: BilevelOptimizer, train_src: Sampler, val_src: Sampler, k
     return batches, val_src.draw_window(k_train) if val_src.window else val_src(k_val)
 
 
-def refit_jittable(opt, tl, vl, state, key, train_src, val_src):
-    batches, val_batch = refit_batches(opt, train_src, val_src, key)
+def refit_jittable(opt, tl, vl, state, key, episode, train_src, val_src):
+    batches, val_batch = refit_batches(opt, train_src, val_src, episode_keys(key, episode)[0])
     return opt.refit.fn(state, batches, val_batch, tl, vl)
 
 
@@ -195,14 +205,14 @@ def jit_refit(opt, tl, vl, state, batches, val_batch):
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def population_episode(opt, tl, vl, config, states, phi, keys, train, val, lr, lr_reptile):
-    episode = partial(episode_scan, opt, tl, vl, config)
-    return jax.vmap(episode, in_axes=(0, 0, 0, None, None, None, None))(
-        states, phi, keys, train, val, lr, lr_reptile
-    )
+def population_episode(opt, tl, vl, config, states, phi, keys, episode, *args):
+    """:func:`episode_scan` of every member (member i with ``keys[i]``), one program."""
+    member = partial(episode_scan, opt, tl, vl, config)
+    in_axes = (0, 0, 0, None) + (None,) * len(args)
+    return jax.vmap(member, in_axes=in_axes)(states, phi, keys, episode, *args)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def population_refit(opt, tl, vl, states, keys, train, val):
+def population_refit(opt, tl, vl, states, keys, episode, train, val):
     refit = partial(refit_jittable, opt, tl, vl)
-    return jax.vmap(refit, in_axes=(0, 0, None, None))(states, keys, train, val)
+    return jax.vmap(refit, in_axes=(0, 0, None, None, None))(states, keys, episode, train, val)
