@@ -497,10 +497,11 @@ class OnlineOptimizer(BilevelOptimizer):
         """
         window = as_window(window, 1)
         val_batch = _val_of_last_step(val_batch)
-        head, last = window.split_last()
-        if head is None:
+        k, last = window.num_steps, window.last()
+        if k == 1:
             return self._estimate_step(state, last, val_batch, train_loss_fn, val_loss_fn)
-        state = head.scan(lambda s, b: (self._inner_step(s, b, train_loss_fn), None), state)[0]
+        inner = lambda s, b: (self._inner_step(s, b, train_loss_fn), None)  # noqa: E731
+        state = window.scan(inner, state, num_steps=k - 1)[0]
         estimate = self._estimate_step(state, last, val_batch, train_loss_fn, val_loss_fn)
         return estimate._replace(origin=state)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from gradhpo.utils.tree import leading_axis_length, stack_batches
 
@@ -109,36 +110,31 @@ class Stacked:
             return self.batches
         return jax.tree.map(lambda x: x[-1], self.batches)
 
-    def split_last(self) -> tuple[Stacked | None, PyTree]:
-        """``(the first k - 1 steps or None, the last batch)``.
-
-        Example:
-          >>> import jax.numpy as jnp
-          >>> from gradhpo import Stacked
-          >>> head, last = Stacked(jnp.arange(3.0)[:, None]).split_last()
-          >>> head.num_steps, last
-          (2, Array([2.], dtype=float32))
-        """
-        if self.num_steps == 1:
-            return None, self.last()
-        if self._repeat is not None:
-            return Stacked.repeat(self.batches, self._repeat - 1), self.batches
-        head = jax.tree.map(lambda x: x[:-1], self.batches)
-        return Stacked(head), self.last()
-
-    def scan(self, body: Callable, carry: Any) -> tuple[Any, Any]:
+    def scan(self, body: Callable, carry: Any, num_steps: int | None = None) -> tuple[Any, Any]:
         """``lax.scan(lambda c, x: body(c, batch_t), carry)`` over the window's batches.
 
+        Args:
+          body: ``body(carry, batch_t) -> (carry, output)``.
+          carry: the initial carry.
+          num_steps: scan only the first ``num_steps`` steps (default: all). The batches are
+            read by index inside the scan, so a prefix is never copied.
+
         Example:
           >>> import jax.numpy as jnp
           >>> from gradhpo import Stacked
-          >>> total, _ = Stacked(jnp.arange(4.0)).scan(lambda c, b: (c + b, None), 0.0)
-          >>> float(total)
+          >>> window = Stacked(jnp.arange(4.0))
+          >>> float(window.scan(lambda c, b: (c + b, None), 0.0)[0])
           6.0
+          >>> float(window.scan(lambda c, b: (c + b, None), 0.0, num_steps=3)[0])
+          3.0
         """
-        return jax.lax.scan(
-            lambda c, x: body(c, self.at(x)), carry, self.scan_xs, length=self.num_steps
-        )
+        n = self.num_steps if num_steps is None else num_steps
+        if self._repeat is not None:
+            return jax.lax.scan(lambda c, _: body(c, self.batches), carry, None, length=n)
+        if n == self.num_steps:
+            return jax.lax.scan(body, carry, self.batches)
+        at_t = lambda t: jax.tree.map(lambda x: x[t], self.batches)  # noqa: E731
+        return jax.lax.scan(lambda c, t: body(c, at_t(t)), carry, jnp.arange(n))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Stacked is immutable")
