@@ -6,7 +6,7 @@
   objective is ``L_val(w_T(λ))`` with ``w_T = (I - A^T) λ``. Methods that weight the
   trajectory differently stop at different points: the exact method and One-Step where
   ``∇L_val(w_T) = 0``, Greedy where its γ-weighted sum of ``α_t B_t`` vanishes.
-* **DARTS toy** (identity 9; Liu et al. 2019, Fig. 2): ``L_train = w² - 2λw + λ²``,
+* **DARTS toy** (Liu et al. 2019, Fig. 2): ``L_train = w² - 2λw + λ²``,
   ``L_val = λw - 2λ + 1``, one inner step per hyper-update (T = 1, SGD lr 0.5). Alternating
   updates with a virtual step ξ settle at ``λ = w = 2/(1 + 2ξ)``: FO is ξ = 0 (→ 2), One-Step
   is ξ = the inner lr (→ 1), and T1-T2 with ξ = 0.3 / 0.7 → 1.25 / 0.833.
@@ -162,7 +162,7 @@ def main(args: argparse.Namespace, out: pathlib.Path) -> str:
         fig,
         "Toy problems: loss curves and fixed points",
         [
-            "## Greedy toy (identity 10)",
+            "## Greedy toy (the Greedy paper's two-dimensional example)",
             "",
             f"Settings: {GREEDY_SETTINGS.describe()}. Every outer step restarts from w_0 = 0; "
             f"λ_0 = (3, 3); {steps} outer steps. L_val(w_T) uses the closed form "
@@ -170,7 +170,7 @@ def main(args: argparse.Namespace, out: pathlib.Path) -> str:
             "",
             report.markdown_table(["method", "λ reached", "w_T", "L_val(w_T)"], greedy_rows),
             "",
-            "## DARTS toy (identity 9)",
+            "## DARTS toy (Liu et al. 2019, Fig. 2)",
             "",
             f"Settings: {DARTS_SETTINGS.describe()}. λ_0 = w_0 = 0; {steps} hyper-updates. "
             "Predicted fixed point λ = w = 2/(1 + 2ξ), ξ = 0 for FO, ξ = inner lr (0.5) for the "
