@@ -190,8 +190,7 @@ def test_every_optimizer_of_the_package_is_under_test():
 @names
 @pytest.mark.parametrize("source", ["iterator", "sampler"])
 def test_run_equals_a_hand_written_loop_of_steps(x64, name, source):
-    from gradhpo.training import loop as loop_module
-    from gradhpo.training import minibatches, run
+    from gradhpo.training import minibatches, programs, run
 
     opt, state0, train, val = setup(name)
     sampler = minibatches(train, 10)
@@ -200,7 +199,7 @@ def test_run_equals_a_hand_written_loop_of_steps(x64, name, source):
     window = opt.unroll_steps if isinstance(opt, WindowOptimizer) else 1
     batches, state = [], state0
     for e in range(episodes):  # run's documented key stream: one key per step call
-        k_refit, k_run = loop_module._episode_keys(key, e)
+        k_refit, k_run = programs.episode_keys(key, e)
         if opt.refit is not None and e % opt.refit.every == 0:  # HyperDistill's θ
             refit_keys = jax.random.split(jax.random.split(k_refit)[0], opt.refit.num_batches)
             refit_batches = [sampler(k) for k in refit_keys]

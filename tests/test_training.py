@@ -33,7 +33,7 @@ def hand_loop(
     """The reference: a Python loop of opt.step / opt.inner_step on the same batches."""
     phi = state.params
     for e in range(episodes):
-        _, k_run = loop_module._episode_keys(key, e)
+        _, k_run = programs.episode_keys(key, e)
         if lr_reptile is not None:
             state = opt.new_episode(state, phi)
         for key_t in jax.random.split(k_run, length):
@@ -90,7 +90,7 @@ def test_host_run_equals_hand_written_loop_bitwise(x64):
     # A Python callable fed the same batches the hand loop sees.
     batches = []
     for e in range(2):
-        _, k_run = loop_module._episode_keys(key, e)
+        _, k_run = programs.episode_keys(key, e)
         for key_t in jax.random.split(k_run, 5):
             batches.append(sampler(jax.random.split(key_t)[0]))
     feed = iter(batches)
@@ -402,7 +402,7 @@ def test_greedy_run_equals_hand_written_loop(x64):
     )
     state = state0
     for e in range(2):
-        _, k_run = loop_module._episode_keys(key, e)
+        _, k_run = programs.episode_keys(key, e)
         for key_t in jax.random.split(k_run, 4):
             k_train, _ = jax.random.split(key_t)
             batches = jax.vmap(sampler)(jax.random.split(k_train, 3))

@@ -206,21 +206,21 @@ class InnerStep:
         K, xs = checkpoint_every, window.scan_xs
         n_seg, rem = divmod(window.num_steps, K)
 
-        @jax.checkpoint
-        def segment(carry, seg_xs):
-            seg = jax.lax.scan(lambda c, x: body(c, window.at(x)), carry, seg_xs, length=K)
-            return seg[0], None
+        def segment(carry, seg_xs, length):  # one rematerialised run of `length` steps
+            steps = jax.lax.scan(lambda c, x: body(c, window.at(x)), carry, seg_xs, length=length)
+            return steps[0]
 
+        segment = jax.checkpoint(segment, static_argnums=2)
         if n_seg:
             head = None
             if xs is not None:
                 head = jax.tree.map(lambda x: x[: n_seg * K].reshape((n_seg, K, *x.shape[1:])), xs)
-            carry = jax.lax.scan(segment, carry, head, length=n_seg)[0]
+            carry = jax.lax.scan(lambda c, h: (segment(c, h, K), None), carry, head, length=n_seg)[
+                0
+            ]
         if rem:
             tail = None if xs is None else jax.tree.map(lambda x: x[n_seg * K :], xs)
-            carry = jax.checkpoint(
-                lambda c, t: jax.lax.scan(lambda c, x: body(c, window.at(x)), c, t, length=rem)[0]
-            )(carry, tail)
+            carry = segment(carry, tail, rem)
         return InnerResult(*carry), None
 
     def step_and_vjp(

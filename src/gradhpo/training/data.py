@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from gradhpo.core._checks import positive_int
 from gradhpo.core.types import Batch, PyTree
-from gradhpo.utils.tree import leading_axis_length
+from gradhpo.utils.tree import leading_axis_length, stack_batches
 
 
 @jax.tree_util.register_pytree_node_class
@@ -166,6 +166,10 @@ class HostSource:
 
     def __init__(self, source: Callable[[], Batch] | Iterator[Batch], name: str):
         self.source, self.name = source, name
+
+    def draw(self, num_steps: int) -> Batch:
+        """``num_steps`` batches from the source, stacked along a leading axis."""
+        return stack_batches([self() for _ in range(num_steps)])
 
     def __call__(self) -> Batch:
         if callable(self.source):

@@ -33,7 +33,6 @@ from gradhpo.core.types import LossFn, PyTree
 from gradhpo.training import programs
 from gradhpo.training.data import HostSource, Sampler, as_source
 from gradhpo.training.progress import progress_bar, progress_enabled
-from gradhpo.utils.tree import stack_batches
 
 logger = logging.getLogger("gradhpo")
 
@@ -183,13 +182,8 @@ class _Loop:
         """The optimizer's refit (HyperDistill: θ) on freshly drawn batches."""
         if self.jittable:
             return self.refit_fn(state, key, episode, self.train, self.val)
-        k_train, k_val = jax.random.split(programs.episode_keys(key, episode)[0])
-        n = self.opt.refit.num_batches
-        if isinstance(self.train, HostSource):
-            batches = stack_batches([self.train() for _ in range(n)])
-        else:
-            batches = jax.vmap(self.train)(jax.random.split(k_train, n))
-        val = self.val() if isinstance(self.val, HostSource) else self.val(k_val)
+        k_refit = programs.episode_keys(key, episode)[0]
+        batches, val = programs.refit_batches(self.opt, self.train, self.val, k_refit)
         return programs.jit_refit(self.opt, self.tl, self.vl, state, batches, val)
 
     # -- host data: one jitted call per window --------------------------------------------
@@ -198,8 +192,7 @@ class _Loop:
         """The window's batches from Python sources (and samplers, drawn by a jitted call)."""
         config = self.config
         if isinstance(self.train, HostSource):
-            steps = config.window_steps
-            window = Stacked(stack_batches([self.train() for _ in range(steps)]))
+            window = Stacked(self.train.draw(config.window_steps))
         else:
             window = programs.jit_train_window(self.opt, config, self.train, keys)
         if isinstance(self.val, HostSource):
@@ -254,10 +247,6 @@ def _drive(loop: _Loop, state, key, num_episodes, callback, progress, population
     for k in episode_records[0]:
         history[k] = jax.tree.map(lambda *xs: jnp.stack(xs, axis), *[r[k] for r in episode_records])
     return RunResult(state, phi if config.restart else None, history)
-
-
-#: The (refit, run) keys of an episode (computed inside the compiled episode program).
-_episode_keys = programs.episode_keys
 
 
 def run(

@@ -18,7 +18,7 @@ from gradhpo.core.base import BilevelOptimizer, WindowOptimizer
 from gradhpo.core.batches import Stacked
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import LossFn, PyTree
-from gradhpo.training.data import Sampler
+from gradhpo.training.data import HostSource, Sampler
 from gradhpo.utils.tree import tree_norm
 
 
@@ -179,14 +179,21 @@ def reptile(phi: PyTree, w_T: PyTree, lr_reptile: Any) -> PyTree:
     return jax.tree.map(lambda p, w: (1 - lr_reptile) * p + lr_reptile * w, phi, w_T)
 
 
-def refit_batches(opt: BilevelOptimizer, train_src: Sampler, val_src: Sampler, key):
-    """The fresh batches of the optimizer's ``refit`` (HyperDistill: θ on T batches)."""
+def refit_batches(opt: BilevelOptimizer, train_src, val_src, key):
+    """The fresh batches of the optimizer's ``refit`` (HyperDistill: θ on T batches).
+
+    Traceable for samplers; a Python source (the host path) is read as it comes.
+    """
     n = opt.refit.num_batches
     k_train, k_val = jax.random.split(key)
-    if train_src.window:
+    if isinstance(train_src, HostSource):
+        batches = train_src.draw(n)
+    elif train_src.window:
         batches = train_src.draw_window(k_train, n)
     else:
         batches = jax.vmap(train_src)(jax.random.split(k_train, n))
+    if isinstance(val_src, HostSource):
+        return batches, val_src()
     return batches, val_src.draw_window(k_train) if val_src.window else val_src(k_val)
 
 
