@@ -38,7 +38,19 @@ OPTIMIZERS = {
         optax.sgd(0.3), optax.sgd(LR), unroll_steps=T, gamma=0.8
     ),
     "reverse": lambda: gradhpo.ReverseModeOptimizer(
+        optax.sgd(0.3, momentum=0.5), optax.sgd(LR), unroll_steps=T, checkpoint="binomial"
+    ),
+    "truncated": lambda: gradhpo.TruncatedReverseOptimizer(
+        optax.sgd(0.3, momentum=0.5), optax.sgd(LR), unroll_steps=T, truncation=2
+    ),
+    "drmad": lambda: gradhpo.DrMADOptimizer(
         optax.sgd(0.3, momentum=0.5), optax.sgd(LR), unroll_steps=T
+    ),
+    "forward": lambda: gradhpo.ForwardModeOptimizer(
+        optax.sgd(0.3, momentum=0.5), optax.sgd(LR), unroll_steps=T
+    ),
+    "implicit": lambda: gradhpo.ImplicitOptimizer(
+        optax.sgd(0.3), optax.sgd(LR), unroll_steps=T, solver_steps=5
     ),
 }
 

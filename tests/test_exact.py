@@ -112,7 +112,7 @@ def test_one_step_window_is_one_step(x64):
 
 
 def test_bad_checkpoint_every_is_a_clear_error():
-    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1"):
+    with pytest.raises(ValueError, match="checkpoint_every must be None or an int >= 1"):
         ReverseModeOptimizer(optax.sgd(0.1), optax.sgd(0.1), unroll_steps=3, checkpoint_every=0)
     with pytest.raises(ValueError, match="needs an outer_optimizer"):
         ReverseModeOptimizer(optax.sgd(0.1), unroll_steps=3)

@@ -17,9 +17,10 @@ from problems import (
 )
 
 from gradhpo import OneStepOptimizer, OnlineHypergradientOptimizer, reverse_hypergradient
-from gradhpo.algorithms._hyperdistill import ema_weights, lerp
+from gradhpo.algorithms._hyperdistill import ema_weights
 from gradhpo.core.inner import InnerStep, validation_grads
 from gradhpo.utils import count_compilations, tree_add, tree_norm, tree_scale
+from gradhpo.utils import tree_lerp as lerp
 
 
 def rel_err(a, b):

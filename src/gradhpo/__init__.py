@@ -7,8 +7,11 @@ mode as an optimizer) that measure them.
 """
 
 from gradhpo.algorithms.baselines import FOOptimizer, OneStepOptimizer
-from gradhpo.algorithms.exact import ReverseModeOptimizer
+from gradhpo.algorithms.drmad import DrMADOptimizer
+from gradhpo.algorithms.exact import ReverseModeOptimizer, TruncatedReverseOptimizer
+from gradhpo.algorithms.forward import ForwardModeOptimizer
 from gradhpo.algorithms.greedy import GreedyOptimizer
+from gradhpo.algorithms.implicit import ImplicitOptimizer, implicit_hypergradient
 from gradhpo.algorithms.online import OnlineHypergradientOptimizer
 from gradhpo.algorithms.t1t2 import T1T2Optimizer
 from gradhpo.core.base import (
@@ -28,9 +31,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BilevelOptimizer",
     "BilevelState",
+    "DrMADOptimizer",
     "Estimate",
     "FOOptimizer",
+    "ForwardModeOptimizer",
     "GreedyOptimizer",
+    "ImplicitOptimizer",
     "InnerStep",
     "OneStepOptimizer",
     "OnlineHypergradientOptimizer",
@@ -39,9 +45,11 @@ __all__ = [
     "ReverseModeOptimizer",
     "Stacked",
     "T1T2Optimizer",
+    "TruncatedReverseOptimizer",
     "WindowOptimizer",
     "__version__",
     "forward_hypergradient",
+    "implicit_hypergradient",
     "reverse_hypergradient",
     "unrolled_val_loss",
 ]

@@ -19,7 +19,6 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from functools import partial
 from typing import Any
 
@@ -28,20 +27,21 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from gradhpo.core.batches import Stacked
+from gradhpo.core.checkpoint import Checkpoint, check_checkpoint
 from gradhpo.core.inner import InnerStep, scalar_loss
+from gradhpo.core.memory import parse_budget, plan_memory
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import leading_axis_length, stack_batches
 
-_STATIC = ("train_loss_fn", "val_loss_fn", "inner_optimizer", "update_fn", "checkpoint_every")
-
-
-def _check_checkpoint(checkpoint_every: Any) -> None:
-    if checkpoint_every is not None and (
-        isinstance(checkpoint_every, bool)
-        or not isinstance(checkpoint_every, numbers.Integral)
-        or checkpoint_every < 1
-    ):
-        raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
+_STATIC = (
+    "train_loss_fn",
+    "val_loss_fn",
+    "inner_optimizer",
+    "update_fn",
+    "checkpoint",
+    "checkpoint_every",
+    "mixed_mode",
+)
 
 
 @partial(jax.jit, static_argnames=_STATIC)
@@ -56,7 +56,9 @@ def unrolled_val_loss(
     inner_optimizer: InnerOptimizer | None = None,
     update_fn: UpdateFn | None = None,
     inner_opt_state: PyTree = None,
+    checkpoint: Checkpoint = None,
     checkpoint_every: int | None = None,
+    mixed_mode: bool = False,
 ) -> jax.Array:
     """``L_val(w_T(λ), λ)`` after T inner steps from ``params``: the objective all refer to.
 
@@ -69,7 +71,10 @@ def unrolled_val_loss(
       train_loss_fn, val_loss_fn: ``loss(params, hyperparams, batch) -> scalar``.
       inner_optimizer, update_fn: the inner step, as for the optimizers.
       inner_opt_state: the inner optimizer state ``s_0`` (default: a fresh ``init``).
-      checkpoint_every: rematerialise segments of this many steps (exact, less memory).
+      checkpoint: the memory strategy of reverse mode through the unroll: ``None``,
+        ``"step"``, ``"sqrt"``, ``"binomial"`` or a segment length K (exact, less memory).
+      checkpoint_every: the older spelling of ``checkpoint=K``.
+      mixed_mode: differentiate each step's training gradient forward-over-reverse.
 
     Returns:
       The scalar validation loss after the unroll.
@@ -83,7 +88,7 @@ def unrolled_val_loss(
       ...     train, val, inner_optimizer=optax.sgd(0.5)))
       0.3828125
     """
-    _check_checkpoint(checkpoint_every)
+    checkpoint = check_checkpoint(checkpoint, checkpoint_every)
     phi = InnerStep(inner_optimizer, update_fn)
     batches = stack_batches(train_batches)
     leading_axis_length(batches, "train_batches")
@@ -95,13 +100,18 @@ def unrolled_val_loss(
         hyperparams,
         Stacked(batches),
         train_loss_fn,
-        checkpoint_every=checkpoint_every,
+        checkpoint=checkpoint,
+        mixed_mode=mixed_mode,
     )
     return scalar_loss("val_loss_fn", val_loss_fn)(out.params, hyperparams, val_batch)
 
 
 def reverse_hypergradient(
-    params: PyTree, hyperparams: PyTree, *args: Any, **options: Any
+    params: PyTree,
+    hyperparams: PyTree,
+    *args: Any,
+    memory_budget: int | str | None = None,
+    **options: Any,
 ) -> PyTree:
     """The exact hypergradient ``dL_val(w_T)/dλ`` by reverse mode through T inner steps.
 
@@ -110,10 +120,15 @@ def reverse_hypergradient(
       hyperparams: λ.
       *args, **options: the rest of :func:`unrolled_val_loss`'s arguments, in its order:
         ``train_batches, val_batch, train_loss_fn, val_loss_fn`` and the keywords
-        ``inner_optimizer`` or ``update_fn``, ``inner_opt_state``, ``checkpoint_every``
-        (``K`` rematerialises K-step segments in the backward pass: memory O(P·(T/K + K))
-        instead of O(P·T), about one extra forward pass, still exact; ``K ≈ √T`` minimises
-        memory).
+        ``inner_optimizer`` or ``update_fn``, ``inner_opt_state``, and the memory strategy
+        ``checkpoint`` (``None``: store every step; ``"step"``; ``"sqrt"``: ⌈√T⌉-step
+        segments, memory O(P·√T), about one extra forward pass; ``"binomial"``: ⌈log₂T⌉
+        stored carries; or a segment length K, also spelled ``checkpoint_every=K``) and
+        ``mixed_mode`` (forward-over-reverse differentiation of each step's gradient). All
+        give the same hypergradient.
+      memory_budget: instead of ``checkpoint``/``mixed_mode``, a ceiling on the compiled
+        temporary memory (bytes, or a string such as ``"64 MiB"``): the fastest strategy
+        that fits is compiled and used (the choice is logged, logger ``"gradhpo"``).
 
     Returns:
       A pytree shaped like ``hyperparams``.
@@ -131,6 +146,35 @@ def reverse_hypergradient(
     References:
       Maclaurin et al., ICML 2015; Franceschi et al., ICML 2017 (reverse-mode HO).
     """
+    if memory_budget is not None:
+        if {"checkpoint", "checkpoint_every", "mixed_mode"} & set(options):
+            raise ValueError("give memory_budget or checkpoint/mixed_mode, not both")
+
+        data, fns = args[:2], args[2:]  # the batches are traced, the loss functions static
+        state = options.pop("inner_opt_state", None)
+
+        def make(checkpoint, mixed):
+            def hypergrad(hyperparams, params, data, state):
+                return jax.grad(unrolled_val_loss)(
+                    hyperparams,
+                    params,
+                    *data,
+                    *fns,
+                    inner_opt_state=state,
+                    checkpoint=checkpoint,
+                    mixed_mode=mixed,
+                    **options,
+                )
+
+            return hypergrad
+
+        allow_mixed = options.get("update_fn") is None
+        budget = parse_budget(memory_budget)
+        plan = plan_memory(
+            make, (hyperparams, params, data, state), budget, allow_mixed=allow_mixed
+        )
+        options["inner_opt_state"] = state
+        options = {**options, "checkpoint": plan.checkpoint, "mixed_mode": plan.mixed_mode}
     return jax.grad(unrolled_val_loss)(hyperparams, params, *args, **options)
 
 

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 from gradhpo.core.batches import Stacked
 from gradhpo.core.inner import InnerStep, check_matches, validation_grads
 from gradhpo.core.types import Batch, LossFn, PyTree
-from gradhpo.utils.tree import leading_axis_length, tree_add, tree_dot, tree_norm
+from gradhpo.utils.tree import (
+    leading_axis_length,
+    tree_add,
+    tree_dot,
+    tree_lerp,
+    tree_norm,
+)
 
 
 class ThetaFit(NamedTuple):
@@ -44,10 +50,6 @@ class ThetaFit(NamedTuple):
     hypergrad: PyTree
 
 
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
 def ema_weights(gamma: float, S_prev: jax.Array, *, backward: bool = False):
     """``(S, p)``: the next normaliser ``S = γ S_prev + 1`` and the weight ``p`` of the old EMA.
 
@@ -66,27 +68,6 @@ def ema_weights(gamma: float, S_prev: jax.Array, *, backward: bool = False):
     """
     S = gamma * S_prev + 1
     return S, (S_prev if backward else gamma * S_prev) / S
-
-
-def lerp(p: jax.Array, old: PyTree, new: PyTree) -> PyTree:
-    """``p·old + (1-p)·new`` leaf-wise, keeping dtypes; integer leaves are rounded.
-
-    The EMA update of Eqs. 13 and 17 and DrMAD's interpolation of the trajectory both take
-    this form; rounding makes the interpolated step counters of optax states exact.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from gradhpo.algorithms._hyperdistill import lerp
-      >>> lerp(0.25, (jnp.zeros(2), jnp.array(0)), (jnp.ones(2), jnp.array(4)))
-      (Array([0.75, 0.75], dtype=float32), Array(3, dtype=int32))
-    """
-
-    def mix(a, b):
-        if _is_float(a):
-            return (p * a + (1 - p) * b).astype(jnp.result_type(a))
-        return (b + jnp.round(p * (a - b))).astype(jnp.result_type(a))
-
-    return jax.tree.map(mix, old, new)
 
 
 def num_examples(batch: Batch, name: str) -> int:
@@ -130,24 +111,6 @@ def mix_batches(key: jax.Array, p: jax.Array, old: Batch, new: Batch) -> Batch:
         return jnp.where(mask, a, b).astype(jnp.result_type(a))
 
     return jax.tree.map(mix, old, new)
-
-
-def _full_state_vjp(inner: InnerStep, w, s, lam, batch, loss_fn, alpha_w, alpha_s):
-    """``(α_w, α_s) ↦ (α A^w, α A^s, α B)``: one VJP of ``(w, s, λ) ↦ (w', s')``.
-
-    Only the floating-point leaves of the optimizer state ``s`` carry an adjoint (integer
-    step counters do not depend on w or λ); ``alpha_s`` is the list of their adjoints.
-    """
-    leaves, treedef = jax.tree.flatten(s)
-
-    def phi(w, s_float, lam):
-        it = iter(s_float)
-        s_full = treedef.unflatten([next(it) if _is_float(x) else x for x in leaves])
-        out = inner(w, s_full, lam, batch, loss_fn)
-        return out.params, [x for x in jax.tree.leaves(out.inner_opt_state) if _is_float(x)]
-
-    _, vjp_fn = jax.vjp(phi, w, [x for x in leaves if _is_float(x)], lam)
-    return vjp_fn((alpha_w, alpha_s))
 
 
 def linear_estimation(
@@ -214,7 +177,7 @@ def linear_estimation(
         if stored:
             return stored_point
         frac = (t - 1) / T  # DrMAD interpolation
-        return lerp(1 - frac, (params, inner_opt_state), (w_T, s_T))
+        return tree_lerp(1 - frac, (params, inner_opt_state), (w_T, s_T))
 
     last = window.last()  # D_T
     s_last = point(T, jax.tree.map(lambda x: x[T - 1], trajectory))[1]  # ŝ_{T-1}
@@ -224,12 +187,12 @@ def linear_estimation(
         alpha_w, alpha_s, g_so, w_star, S_prev, D_star = carry
         t, batch, stored_point, subkey = xs
         w_prev, s_prev = point(t, stored_point)
-        alpha_w, alpha_s, alpha_B = _full_state_vjp(
-            inner, w_prev, s_prev, lam, batch, train_loss_fn, alpha_w, alpha_s
+        alpha_w, alpha_s, alpha_B = inner.state_vjp(
+            w_prev, s_prev, lam, batch, train_loss_fn, alpha_w, alpha_s
         )
         g_so = tree_add(g_so, alpha_B)  # g_SO now covers the last s steps
         S_s, p_s = ema_weights(gamma, S_prev, backward=True)  # Eq. 17
-        w_star = lerp(p_s, w_star, w_prev)
+        w_star = tree_lerp(p_s, w_star, w_prev)
         if key is not None:
             D_star = mix_batches(subkey, p_s, D_star, batch)
         v_s = inner.step_and_vjp(w_star, s_last, lam, D_star, train_loss_fn)[1](alpha_T)
@@ -239,7 +202,7 @@ def linear_estimation(
         carry = (alpha_w, alpha_s, g_so, w_star, S_s, D_star)
         return carry, (x_s.astype(dtype), y_s.astype(dtype))
 
-    alpha_s0 = [jnp.zeros_like(x) for x in jax.tree.leaves(s_T) if _is_float(x)]
+    alpha_s0 = inner.zero_state_adjoint(s_T)
     g_so0 = jax.tree.map(jnp.zeros_like, lam)
     carry0 = (alpha_T, alpha_s0, g_so0, params, jnp.zeros((), dtype), last)
     keys = jax.random.split(key, T) if key is not None else jnp.zeros((T,))

@@ -28,7 +28,6 @@ import optax
 from gradhpo.algorithms._hyperdistill import (
     ThetaFit,
     ema_weights,
-    lerp,
     linear_estimation,
     mix_batches,
     num_examples,
@@ -39,7 +38,14 @@ from gradhpo.core.inner import validation_grads
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import Batch, InnerOptimizer, PyTree, UpdateFn
 from gradhpo.utils.dependence import output_depends_on
-from gradhpo.utils.tree import leading_axis_length, stack_batches, tree_add, tree_norm, tree_scale
+from gradhpo.utils.tree import (
+    leading_axis_length,
+    stack_batches,
+    tree_add,
+    tree_lerp,
+    tree_norm,
+    tree_scale,
+)
 
 __all__ = ["OnlineHypergradientOptimizer", "ThetaFit"]
 
@@ -284,7 +290,7 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
         restart = md["episode_step"] % self.T == 0
         S_prev = jnp.where(restart, jnp.zeros_like(md["S_t"]), md["S_t"])
         S_t, p_t = ema_weights(self.gamma, S_prev)  # p_t = (γ - γ^t)/(1 - γ^t)
-        metadata = {"S_t": S_t, "w_star": lerp(p_t, md["w_star"], state.params)}  # Eq. 13
+        metadata = {"S_t": S_t, "w_star": tree_lerp(p_t, md["w_star"], state.params)}  # Eq. 13
         if self.distill_batch:
             key, subkey = jax.random.split(md["key"])
             D_star = mix_batches(subkey, p_t, md["distilled_batch"], train_batch)  # Eq. 14

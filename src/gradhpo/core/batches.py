@@ -110,6 +110,25 @@ class Stacked:
             return self.batches
         return jax.tree.map(lambda x: x[-1], self.batches)
 
+    def split(self, num_steps: int) -> tuple[Stacked, Stacked]:
+        """The window's first ``num_steps`` steps and the rest, as two windows.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from gradhpo import Stacked
+          >>> head, tail = Stacked(jnp.arange(5.0)).split(3)
+          >>> head.num_steps, tail.batches
+          (3, Array([3., 4.], dtype=float32))
+        """
+        n, k = num_steps, self.num_steps
+        if not 0 < n < k:
+            raise ValueError(f"num_steps must be in [1, {k - 1}] to split {k} steps, got {n}")
+        if self._repeat is not None:
+            return Stacked.repeat(self.batches, n), Stacked.repeat(self.batches, k - n)
+        head = jax.tree.map(lambda x: x[:n], self.batches)
+        tail = jax.tree.map(lambda x: x[n:], self.batches)
+        return Stacked.tree_unflatten(None, (head,)), Stacked.tree_unflatten(None, (tail,))
+
     def scan(self, body: Callable, carry: Any, num_steps: int | None = None) -> tuple[Any, Any]:
         """``lax.scan(lambda c, x: body(c, batch_t), carry)`` over the window's batches.
 

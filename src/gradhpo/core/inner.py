@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import optax
 
 from gradhpo.core.batches import Stacked
+from gradhpo.core.checkpoint import Checkpoint, check_checkpoint, mixed_value_and_grad, remat_scan
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
+from gradhpo.utils.tree import is_inexact
 
 
 def check_scalar(name: str, value: Any) -> None:
@@ -133,16 +135,31 @@ class InnerStep:
             return None
         return self.transformation(hyperparams).init(params)
 
-    def __call__(self, params, inner_opt_state, hyperparams, batch, train_loss_fn) -> InnerResult:
-        """One inner step: ``(w_t, s_t, L_train(w_{t-1}, λ; D_t))``."""
+    def __call__(
+        self, params, inner_opt_state, hyperparams, batch, train_loss_fn, *, mixed_mode=False
+    ) -> InnerResult:
+        """One inner step: ``(w_t, s_t, L_train(w_{t-1}, λ; D_t))``.
+
+        With ``mixed_mode=True`` the training gradient is differentiated in mixed mode
+        (:func:`~gradhpo.core.checkpoint.mixed_value_and_grad`): the same values, a
+        backward pass that stores less.
+        """
         if self.kind == "update_fn":
+            if mixed_mode:
+                raise ValueError(
+                    "mixed_mode needs an inner_optimizer: it differentiates the training "
+                    "gradient, which a custom update_fn computes out of sight"
+                )
             loss = train_loss_fn(params, hyperparams, batch)
             check_scalar("train_loss_fn", loss)
             new_params = self.update_fn(params, hyperparams, batch)
             check_matches("update_fn(params, hyperparams, batch)", params, new_params)
             return InnerResult(new_params, inner_opt_state, loss)
         loss_fn = scalar_loss("train_loss_fn", train_loss_fn)
-        loss, grads = jax.value_and_grad(loss_fn)(params, hyperparams, batch)
+        if mixed_mode:
+            loss, grads = mixed_value_and_grad(loss_fn, params, hyperparams, batch)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(params, hyperparams, batch)
         updates, new_state = self.transformation(hyperparams).update(grads, inner_opt_state, params)
         return InnerResult(optax.apply_updates(params, updates), new_state, loss)
 
@@ -154,23 +171,32 @@ class InnerStep:
         window: Stacked | Batch,
         train_loss_fn: LossFn,
         *,
+        checkpoint: Checkpoint = None,
         checkpoint_every: int | None = None,
+        mixed_mode: bool = False,
         trajectory: bool = False,
     ) -> tuple[InnerResult, PyTree]:
         """The k steps of a window, ``(w_t, s_t) = Φ(w_{t-1}, s_{t-1}, λ; D_t)``, in one scan.
 
-        The one unrolled loop of Φ in gradhpo: exact reverse mode
+        The one unrolled loop of Φ in gradhpo: exact and truncated reverse mode
         (:class:`~gradhpo.ReverseModeOptimizer`, :func:`~gradhpo.reverse_hypergradient`)
-        differentiates through it, HyperDistill's θ estimation runs its forward pass on it.
+        differentiate through it, HyperDistill's θ estimation and DrMAD run their forward
+        pass on it.
 
         Args:
           params, inner_opt_state, hyperparams: ``(w_0, s_0, λ)``.
           window: a :class:`~gradhpo.Stacked` window (one batch per step, or a repeat);
             a plain pytree is read as batches already stacked along a leading step axis.
           train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
-          checkpoint_every: rematerialise segments of this many steps in the backward pass
-            (``jax.checkpoint``; exact, memory O(P·(k/K + K)) instead of O(P·k)).
-          trajectory: also return the points ``(w_{t-1}, s_{t-1})`` of every step, stacked.
+          checkpoint: the memory strategy of reverse mode through the scan: ``None``
+            (store everything), ``"step"``, ``"sqrt"``, ``"binomial"`` or a segment
+            length K (:mod:`gradhpo.core.checkpoint`); the values and derivatives are the
+            same for every strategy.
+          checkpoint_every: the older spelling of ``checkpoint=K``.
+          mixed_mode: differentiate each step's training gradient in mixed mode
+            (forward-over-reverse Hessian-vector products; combines with ``checkpoint``).
+          trajectory: also return the points ``(w_{t-1}, s_{t-1})`` of every step, stacked
+            (only with ``checkpoint=None``).
 
         Returns:
           ``(InnerResult(w_k, s_k, L_train of the last step), points or None)``.
@@ -182,46 +208,98 @@ class InnerStep:
           ...     return 0.5 * jnp.sum((w - lam) ** 2)
           >>> w0, lam = jnp.zeros(1), jnp.ones(1)
           >>> out, _ = phi.unroll(w0, phi.init(w0, lam), lam, gradhpo.Stacked.repeat(None, 3),
-          ...                     loss)
+          ...                     loss, checkpoint="sqrt")
           >>> out.params  # 1 - 0.5**3
           Array([0.875], dtype=float32)
         """
         if not isinstance(window, Stacked):
             window = Stacked(window)
-        if checkpoint_every is not None and trajectory:
-            raise ValueError("checkpoint_every and trajectory exclude each other")
+        checkpoint = check_checkpoint(checkpoint, checkpoint_every)
+        if checkpoint is not None and trajectory:
+            raise ValueError("checkpoint and trajectory exclude each other")
 
         def body(carry, batch):
             w, s, _ = carry
-            out = self(w, s, hyperparams, batch, train_loss_fn)
+            out = self(w, s, hyperparams, batch, train_loss_fn, mixed_mode=mixed_mode)
             loss = jnp.asarray(out.train_loss, carry[2].dtype)
             return (out.params, out.inner_opt_state, loss), (w, s) if trajectory else None
 
         dtype = jnp.result_type(*jax.tree.leaves(params))
         carry = (params, inner_opt_state, jnp.full((), jnp.nan, dtype))
-        if checkpoint_every is None:
+        if trajectory:
             carry, points = window.scan(body, carry)
             return InnerResult(*carry), points
+        return InnerResult(*remat_scan(body, carry, window, checkpoint)), None
 
-        K, xs = checkpoint_every, window.scan_xs
-        n_seg, rem = divmod(window.num_steps, K)
+    def state_vjp(
+        self,
+        params: PyTree,
+        inner_opt_state: PyTree,
+        hyperparams: PyTree,
+        batch: Batch,
+        train_loss_fn: LossFn,
+        alpha_w: PyTree,
+        alpha_s: list,
+    ) -> tuple[PyTree, list, PyTree]:
+        """One adjoint step through the full state: ``(α_w, α_s) ↦ (α A^w, α A^s, α B)``.
 
-        def segment(carry, seg_xs, length):  # one rematerialised run of `length` steps
-            steps = jax.lax.scan(lambda c, x: body(c, window.at(x)), carry, seg_xs, length=length)
-            return steps[0]
+        One VJP of ``(w, s, λ) ↦ (w', s')`` at ``(params, inner_opt_state, hyperparams)``.
+        Only the floating-point leaves of the optimizer state carry an adjoint (integer step
+        counters depend on neither w nor λ); ``alpha_s`` is the list of their adjoints, as
+        :meth:`zero_state_adjoint` makes it.
 
-        segment = jax.checkpoint(segment, static_argnums=2)
-        if n_seg:
-            head = None
-            if xs is not None:
-                head = jax.tree.map(lambda x: x[: n_seg * K].reshape((n_seg, K, *x.shape[1:])), xs)
-            carry = jax.lax.scan(lambda c, h: (segment(c, h, K), None), carry, head, length=n_seg)[
-                0
-            ]
-        if rem:
-            tail = None if xs is None else jax.tree.map(lambda x: x[n_seg * K :], xs)
-            carry = segment(carry, tail, rem)
-        return InnerResult(*carry), None
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> phi = gradhpo.InnerStep(optax.sgd(0.5))
+          >>> loss = lambda w, lam, b: 0.5 * jnp.sum(lam * w**2)
+          >>> w, lam = jnp.ones(2), jnp.array([1.0, 2.0])
+          >>> s = phi.init(w, lam)
+          >>> a_w, _, a_B = phi.state_vjp(w, s, lam, None, loss, jnp.ones(2),
+          ...                             phi.zero_state_adjoint(s))
+          >>> a_w, a_B  # A = 1 - 0.5 λ, B = -0.5 w
+          (Array([0.5, 0. ], dtype=float32), Array([-0.5, -0.5], dtype=float32))
+        """
+        s_float, rebuild = self.split_state(inner_opt_state)
+
+        def phi(w, s_float, lam):
+            out = self(w, rebuild(s_float), lam, batch, train_loss_fn)
+            return out.params, self.split_state(out.inner_opt_state)[0]
+
+        _, vjp_fn = jax.vjp(phi, params, s_float, hyperparams)
+        return vjp_fn((alpha_w, alpha_s))
+
+    @staticmethod
+    def split_state(inner_opt_state: PyTree) -> tuple[list, Callable[[list], PyTree]]:
+        """The floating-point leaves of an optimizer state, and the state rebuilt from new ones.
+
+        Derivatives flow through the float leaves only; integer leaves (step counters) are
+        kept as they are in ``inner_opt_state``.
+
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> s = optax.adam(0.1).init(jnp.ones(2))
+          >>> floats, rebuild = gradhpo.InnerStep.split_state(s)
+          >>> len(floats), int(rebuild(floats)[0].count)  # mu, nu; the counter is kept
+          (2, 0)
+        """
+        leaves, treedef = jax.tree.flatten(inner_opt_state)
+
+        def rebuild(new_floats: list) -> PyTree:
+            it = iter(new_floats)
+            return treedef.unflatten([next(it) if is_inexact(x) else x for x in leaves])
+
+        return [x for x in leaves if is_inexact(x)], rebuild
+
+    @staticmethod
+    def zero_state_adjoint(inner_opt_state: PyTree) -> list:
+        """The zero adjoint of the floating-point leaves of an optimizer state (a list).
+
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> gradhpo.InnerStep.zero_state_adjoint(optax.sgd(0.1, momentum=0.9).init(jnp.ones(3)))
+          [Array([0., 0., 0.], dtype=float32)]
+        """
+        return [jnp.zeros_like(x) for x in InnerStep.split_state(inner_opt_state)[0]]
 
     def step_and_vjp(
         self,

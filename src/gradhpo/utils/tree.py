@@ -143,3 +143,36 @@ def leading_axis_length(tree: PyTree, name: str) -> int:
             f"got leading sizes {sorted(lengths, key=str)}"
         )
     return lengths.pop()
+
+
+def is_inexact(x) -> bool:
+    """Whether ``x`` has a floating or complex dtype (it can carry a derivative).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gradhpo.utils import is_inexact
+      >>> is_inexact(jnp.ones(2)), is_inexact(jnp.array(3))
+      (True, False)
+    """
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def tree_lerp(p: jax.Array, old: PyTree, new: PyTree) -> PyTree:
+    """``p·old + (1-p)·new`` leaf-wise, keeping dtypes; integer leaves are rounded.
+
+    The EMA update of Eqs. 13 and 17 and DrMAD's interpolation of the trajectory both take
+    this form; rounding makes the interpolated step counters of optax states exact.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gradhpo.utils import tree_lerp
+      >>> tree_lerp(0.25, (jnp.zeros(2), jnp.array(0)), (jnp.ones(2), jnp.array(4)))
+      (Array([0.75, 0.75], dtype=float32), Array(3, dtype=int32))
+    """
+
+    def mix(a, b):
+        if is_inexact(a):
+            return (p * a + (1 - p) * b).astype(jnp.result_type(a))
+        return (b + jnp.round(p * (a - b))).astype(jnp.result_type(a))
+
+    return jax.tree.map(mix, old, new)
