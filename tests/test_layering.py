@@ -1,6 +1,7 @@
 """The layers of the design, checked on the source (an ``ast`` scan, nothing imported).
 
-utils < core < (algorithms, reference) < training < the ``gradhpo`` root < gradhpo_bench:
+utils < core < (algorithms, reference) < diagnostics < training < the ``gradhpo`` root <
+gradhpo_bench:
 imports point down only, no import circle, no function-local ``gradhpo`` import inside
 ``gradhpo``, and ``gradhpo`` never imports ``gradhpo_bench``.
 """
@@ -16,9 +17,10 @@ LAYERS = (
     ("gradhpo.core", 1),
     ("gradhpo.algorithms", 2),
     ("gradhpo.reference", 2),
-    ("gradhpo.training", 3),
-    ("gradhpo", 4),
-    ("gradhpo_bench", 5),
+    ("gradhpo.diagnostics", 3),
+    ("gradhpo.training", 4),
+    ("gradhpo", 5),
+    ("gradhpo_bench", 6),
 )
 
 

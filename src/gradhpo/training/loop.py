@@ -30,6 +30,7 @@ from gradhpo.core.base import BilevelOptimizer, WindowOptimizer
 from gradhpo.core.batches import Stacked
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import LossFn, PyTree
+from gradhpo.diagnostics import fidelity
 from gradhpo.training import programs
 from gradhpo.training.data import HostSource, Sampler, as_source
 from gradhpo.training.progress import progress_bar, progress_enabled
@@ -215,7 +216,26 @@ class _Loop:
         return state, phi, {k: jnp.stack([r[k] for r in records]) for k in records[0]}
 
 
-def _drive(loop: _Loop, state, key, num_episodes, callback, progress, population):
+#: The records of ``run(..., fidelity_every=N)``, one per evaluation.
+FIDELITY_KEYS = ("fidelity_episode", "fidelity_cosine", "fidelity_norm_ratio", "fidelity_signs")
+
+# Offset of the keys of fidelity windows (folded into the run's key: no overlap with training).
+_FIDELITY_SALT = 0x5EED
+
+
+def _fidelity_record(loop: _Loop, state, key, episode) -> dict[str, jax.Array]:
+    """The state's estimate against the exact one on a freshly drawn window."""
+    keys = jax.random.split(jax.random.fold_in(key, _FIDELITY_SALT + episode), 2)
+    call_keys = jax.random.split(keys[0], loop.config.calls_per_window)
+    window, val_batch = loop.host_window(call_keys)
+    f = fidelity(loop.opt, state, window, val_batch, loop.tl, loop.vl)
+    values = (jnp.asarray(episode), f.cosine, f.norm_ratio, f.sign_agreement)
+    return dict(zip(FIDELITY_KEYS, values, strict=True))
+
+
+def _drive(
+    loop: _Loop, state, key, num_episodes, callback, progress, population, fidelity_every=None
+):
     """Run the episodes; ``key`` is the run's key (a population's: one per member)."""
     opt, config = loop.opt, loop.config
     refit = opt.refit
@@ -223,7 +243,7 @@ def _drive(loop: _Loop, state, key, num_episodes, callback, progress, population
     new_episode = jax.vmap(opt.new_episode) if population else opt.new_episode
     show = progress_enabled(progress)
     bar = progress_bar(num_episodes, type(opt).__name__, "episode", show)
-    step_records, episode_records = [], []
+    step_records, episode_records, fidelity_records = [], [], []
     try:
         for episode in range(num_episodes):
             if refit is not None and episode % refit.every == 0:
@@ -234,6 +254,9 @@ def _drive(loop: _Loop, state, key, num_episodes, callback, progress, population
             state, phi, records = loop.episode(state, phi, key, episode)
             step_records.append(records)
             episode_records.append(programs.episode_record(state))
+            if fidelity_every is not None and (episode + 1) % fidelity_every == 0:
+                fidelity_records.append(_fidelity_record(loop, state, key, episode))
+                logger.debug("episode %d: fidelity %s", episode, fidelity_records[-1])
             if callback is not None:
                 info = {**records, "meta_params": phi} if config.restart else records
                 callback(episode, state, info)
@@ -246,6 +269,9 @@ def _drive(loop: _Loop, state, key, num_episodes, callback, progress, population
     history = {k: jnp.stack([r[k] for r in step_records], axis) for k in step_records[0]}
     for k in episode_records[0]:
         history[k] = jax.tree.map(lambda *xs: jnp.stack(xs, axis), *[r[k] for r in episode_records])
+    if fidelity_every is not None:
+        for k in FIDELITY_KEYS:
+            history[k] = jnp.stack([r[k] for r in fidelity_records]) if fidelity_records else []
     return RunResult(state, phi if config.restart else None, history)
 
 
@@ -265,6 +291,7 @@ def run(
     key: jax.Array | None = None,
     callback: Callable[[int, BilevelState, dict[str, jax.Array]], None] | None = None,
     progress: bool | None = None,
+    fidelity_every: int | None = None,
 ) -> RunResult:
     """Train ``num_episodes`` episodes of ``episode_length`` step calls; one signature for all.
 
@@ -307,6 +334,13 @@ def run(
         ``records`` holds the episode's window records and, with restarts,
         ``"meta_params"``, φ after the episode's Reptile update.
       progress: show a tqdm bar; default: on in a terminal, off when ``CI`` is set.
+      fidelity_every: N ≥ 1: after every N-th episode, compare the optimizer's hypergradient
+        with the exact one over one freshly drawn window from the current state
+        (:func:`gradhpo.diagnostics.fidelity`) and record ``"fidelity_episode"``,
+        ``"fidelity_cosine"``, ``"fidelity_norm_ratio"`` and ``"fidelity_signs"`` (the sign
+        agreement) in the history, one entry per evaluation. It runs on the host, between
+        episodes, and draws its batches with keys of its own (a Python data source gives
+        up its next batches to it).
 
     Returns:
       A :class:`RunResult` (final state, φ, history arrays).
@@ -332,10 +366,12 @@ def run(
     References:
       Lee et al., ICLR 2022, Algorithm 3; Nichol et al., 2018 (Reptile).
     """
+    if fidelity_every is not None:
+        fidelity_every = positive_int("fidelity_every", fidelity_every)
     options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
     loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False)
     key = jax.random.PRNGKey(0) if key is None else key
-    return _drive(loop, state, key, num_episodes, callback, progress, None)
+    return _drive(loop, state, key, num_episodes, callback, progress, None, fidelity_every)
 
 
 def run_population(
