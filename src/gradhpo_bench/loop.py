@@ -28,8 +28,8 @@ import numpy as np
 
 from gradhpo import BilevelState, Stacked, WindowOptimizer, reverse_hypergradient
 from gradhpo.core.types import Batch, LossFn, PyTree
+from gradhpo.diagnostics import compare
 from gradhpo.training import Sampler, run
-from gradhpo.utils import tree_cosine, tree_norm
 from gradhpo_bench.methods import Method
 
 
@@ -296,6 +296,5 @@ def cosine_and_ratio(estimate: PyTree, exact: PyTree) -> tuple[float, float]:
       >>> cosine_and_ratio(jnp.array([2.0, 0.0]), jnp.array([1.0, 1.0]))
       (0.7071, 1.4142)
     """
-    denom = float(tree_norm(exact))
-    ratio = float(tree_norm(estimate)) / denom if denom > 0 else float("nan")
-    return float(tree_cosine(estimate, exact)), ratio
+    cosine, ratio, _ = compare(estimate, exact)
+    return float(cosine), float(ratio)

@@ -11,7 +11,12 @@ outer steps compare like with like:
   estimate at the last step (HyperDistill keeps its γ-average ``w*`` over every inner step);
 * ``greedy``, ``exact`` — *window* estimators (``unroll_steps = T``): the γ-weighted sum
   (Greedy) or the exact reverse-mode hypergradient through the window
-  (:class:`gradhpo.ReverseModeOptimizer`).
+  (:class:`gradhpo.ReverseModeOptimizer`);
+* the long-horizon estimators of :data:`LONG_HORIZON`, window estimators too: truncated
+  reverse mode through the last ``K = ⌈T/4⌉`` steps, DrMAD, forward mode (RTRL), and the
+  implicit hypergradient at ``w_T`` by conjugate gradient (20 iterations) or by a Neumann
+  series of 5 terms with η = the inner lr (the papers' N.IFT(5)). The benches that compare
+  estimators (``fidelity``, ``cost``) run them all; the training benches run :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -23,16 +28,22 @@ import optax
 
 from gradhpo import (
     BilevelOptimizer,
+    DrMADOptimizer,
     FOOptimizer,
+    ForwardModeOptimizer,
     GreedyOptimizer,
+    ImplicitOptimizer,
     OneStepOptimizer,
     OnlineHypergradientOptimizer,
     ReverseModeOptimizer,
     T1T2Optimizer,
+    TruncatedReverseOptimizer,
 )
 
 #: Every method, in the order tables list them.
 METHODS = ("none", "fo", "one-step", "t1t2", "greedy", "hyperdistill", "exact")
+#: The long-horizon estimators, for the benches that compare estimators.
+LONG_HORIZON = ("truncated", "drmad", "forward", "implicit", "neumann")
 #: Display names.
 LABELS = {
     "none": "no tuning",
@@ -42,6 +53,11 @@ LABELS = {
     "greedy": "Greedy",
     "hyperdistill": "HyperDistill",
     "exact": "exact (reverse mode)",
+    "truncated": "truncated reverse (K = ⌈T/4⌉)",
+    "drmad": "DrMAD",
+    "forward": "forward mode (RTRL)",
+    "implicit": "implicit (CG, 20)",
+    "neumann": "N.IFT(5)",
 }
 #: How each method spends an outer step (see the module docstring).
 KINDS = {
@@ -52,6 +68,7 @@ KINDS = {
     "hyperdistill": "online",
     "greedy": "window",
     "exact": "window",
+    **dict.fromkeys(LONG_HORIZON, "window"),
 }
 
 
@@ -167,7 +184,22 @@ def build(key: str, settings: Settings, inner=None, xi: float | None = None) -> 
         return Method(key, opt)
     if key == "exact":
         return Method(key, ReverseModeOptimizer(inner, outer, unroll_steps=s.T))
-    raise ValueError(f"unknown method {key!r}; choose from {', '.join(METHODS)}")
+    if key == "truncated":
+        K = -(-s.T // 4)
+        return Method(key, TruncatedReverseOptimizer(inner, outer, s.T, truncation=K))
+    if key == "drmad":
+        return Method(key, DrMADOptimizer(inner, outer, unroll_steps=s.T))
+    if key == "forward":
+        return Method(key, ForwardModeOptimizer(inner, outer, unroll_steps=s.T))
+    if key == "implicit":
+        return Method(key, ImplicitOptimizer(inner, outer, s.T, solver="cg", solver_steps=20))
+    if key == "neumann":
+        opt = ImplicitOptimizer(
+            inner, outer, s.T, solver="neumann", solver_steps=5, neumann_lr=s.inner_lr
+        )
+        return Method(key, opt)
+    choices = ", ".join((*METHODS, *LONG_HORIZON))
+    raise ValueError(f"unknown method {key!r}; choose from {choices}")
 
 
 def build_all(keys: Sequence[str], settings: Settings) -> list[Method]:
