@@ -121,8 +121,8 @@ def test_memory_budget_picks_the_fastest_strategy_that_fits(x64):
             lambda s, w, v: opt.compute_hypergradient(s, w, v, tl, vl), state, window, val
         )
 
-    fastest = CANDIDATES[:2]  # store everything, with and without mixed mode
-    budget = min(memory(*c) for c in fastest) - 1  # neither fits: the plan must move on
+    fastest = CANDIDATES[:1]  # store everything
+    budget = memory(*fastest[0]) - 1  # it does not fit: the plan must move on
     opt = gradhpo.ReverseModeOptimizer(INNER, optax.sgd(0.1), 16, memory_budget=budget)
     plan = opt.memory_plan(state, window, val, tl, vl)
     chosen = (plan.checkpoint, plan.mixed_mode)
