@@ -168,6 +168,14 @@ def _method(opt, state, window, val, tl, vl, reference, memory_budget):
     return "reverse", plan.checkpoint, plan.mixed_mode
 
 
+def _setup(opt, state, train_batch, val_batch, tl, vl, reference, memory_budget):
+    """``((state, window, val), method, compiled programs)`` for one comparison."""
+    window, val = _window(opt, train_batch, val_batch)
+    args = (state, window, val)
+    method = _method(opt, *args, tl, vl, reference, memory_budget)
+    return args, method, _programs(opt, tl, vl, *method)
+
+
 def reference_hypergradient(
     opt: BilevelOptimizer,
     state: BilevelState,
@@ -206,10 +214,10 @@ def reference_hypergradient(
       >>> reference_hypergradient(opt, state, gradhpo.Stacked.repeat(None, 3), None, train, val)
       Array([0.765625], dtype=float32)
     """
-    window, val = _window(opt, train_batch, val_batch)
-    args = (state, window, val)
-    method = _method(opt, *args, train_loss_fn, val_loss_fn, reference, memory_budget)
-    return _programs(opt, train_loss_fn, val_loss_fn, *method)[1](*args)
+    args, _, programs = _setup(
+        opt, state, train_batch, val_batch, train_loss_fn, val_loss_fn, reference, memory_budget
+    )
+    return programs[1](*args)
 
 
 def _median_seconds(fn, *args) -> float:
@@ -266,15 +274,15 @@ def fidelity(
       >>> round(float(f.cosine), 4), round(float(f.norm_ratio), 2)  # right direction, half the size
       (1.0, 0.53)
     """
-    window, val = _window(opt, train_batch, val_batch)
-    args = (state, window, val)
-    method = _method(opt, *args, train_loss_fn, val_loss_fn, reference, memory_budget)
-    estimate_fn, reference_fn, step_fn = _programs(opt, train_loss_fn, val_loss_fn, *method)
+    args, method, programs = _setup(
+        opt, state, train_batch, val_batch, train_loss_fn, val_loss_fn, reference, memory_budget
+    )
+    estimate_fn, reference_fn, step_fn = programs
     est, ref = estimate_fn(*args), reference_fn(*args)
     cosine, ratio, signs = compare(est, ref)
     measured = None
     if cost:
-        step_time = _median_seconds(step_fn, state, window)
+        step_time = _median_seconds(step_fn, state, args[1])
         name = "forward" if method[0] == "forward" else f"reverse(checkpoint={method[1]!r}"
         if method[0] == "reverse":
             name += ", mixed_mode=True)" if method[2] else ")"

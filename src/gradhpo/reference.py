@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 from gradhpo.core.batches import Stacked
 from gradhpo.core.checkpoint import Checkpoint, check_checkpoint
 from gradhpo.core.inner import InnerStep, scalar_loss
-from gradhpo.core.memory import parse_budget, plan_memory
+from gradhpo.core.memory import cached_plan, parse_budget
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import leading_axis_length, stack_batches
 
@@ -168,10 +168,20 @@ def reverse_hypergradient(
 
             return hypergrad
 
-        allow_mixed = options.get("update_fn") is None
-        budget = parse_budget(memory_budget)
-        plan = plan_memory(
-            make, (hyperparams, params, data, state), budget, allow_mixed=allow_mixed
+        # One plan per loss functions, inner step and input shapes (not one per call).
+        tag = (
+            "reverse_hypergradient",
+            fns,
+            options.get("inner_optimizer"),
+            options.get("update_fn"),
+        )
+        plan = cached_plan(
+            fns[0],
+            tag,
+            make,
+            (hyperparams, params, data, state),
+            parse_budget(memory_budget),
+            allow_mixed=options.get("update_fn") is None,
         )
         options["inner_opt_state"] = state
         options = {**options, "checkpoint": plan.checkpoint, "mixed_mode": plan.mixed_mode}

@@ -32,7 +32,7 @@ import optax
 from gradhpo.core._checks import positive_int
 from gradhpo.core.base import Estimate, WindowOptimizer
 from gradhpo.core.batches import Stacked
-from gradhpo.core.checkpoint import Checkpoint, check_checkpoint
+from gradhpo.core.checkpoint import MIXED_MODE_NEEDS_OPTIMIZER, Checkpoint, check_checkpoint
 from gradhpo.core.inner import InnerStep, scalar_loss
 from gradhpo.core.memory import MemoryPlan, cached_plan, parse_budget
 from gradhpo.core.state import BilevelState
@@ -124,10 +124,7 @@ class _ReverseMode(WindowOptimizer):
         if not isinstance(mixed_mode, bool):
             raise TypeError(f"mixed_mode must be True or False, got {mixed_mode!r}")
         if mixed_mode and self.inner.kind == "update_fn":
-            raise ValueError(
-                "mixed_mode needs an inner_optimizer: it differentiates the training gradient, "
-                "which a custom update_fn computes out of sight"
-            )
+            raise ValueError(MIXED_MODE_NEEDS_OPTIMIZER)
         self.mixed_mode = mixed_mode
         self.memory_budget = parse_budget(memory_budget)
         if self.memory_budget is not None and (self.checkpoint is not None or mixed_mode):

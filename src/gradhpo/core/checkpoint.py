@@ -43,6 +43,12 @@ from gradhpo.core.batches import Stacked
 from gradhpo.core.types import Batch, LossFn, PyTree
 from gradhpo.utils.tree import is_inexact
 
+#: Why mixed mode needs an optax inner optimizer (raised by every place that is asked for it).
+MIXED_MODE_NEEDS_OPTIMIZER = (
+    "mixed_mode needs an inner_optimizer: it differentiates the training gradient, which a "
+    "custom update_fn computes out of sight"
+)
+
 #: The named memory strategies (an int K ≥ 1 is also accepted: K-step segments).
 STRATEGIES = (None, "step", "sqrt", "binomial")
 

@@ -15,7 +15,13 @@ import jax.numpy as jnp
 import optax
 
 from gradhpo.core.batches import Stacked
-from gradhpo.core.checkpoint import Checkpoint, check_checkpoint, mixed_value_and_grad, remat_scan
+from gradhpo.core.checkpoint import (
+    MIXED_MODE_NEEDS_OPTIMIZER,
+    Checkpoint,
+    check_checkpoint,
+    mixed_value_and_grad,
+    remat_scan,
+)
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import is_inexact
 
@@ -146,10 +152,7 @@ class InnerStep:
         """
         if self.kind == "update_fn":
             if mixed_mode:
-                raise ValueError(
-                    "mixed_mode needs an inner_optimizer: it differentiates the training "
-                    "gradient, which a custom update_fn computes out of sight"
-                )
+                raise ValueError(MIXED_MODE_NEEDS_OPTIMIZER)
             loss = train_loss_fn(params, hyperparams, batch)
             check_scalar("train_loss_fn", loss)
             new_params = self.update_fn(params, hyperparams, batch)
