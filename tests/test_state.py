@@ -105,3 +105,33 @@ def test_vmap_of_optimizer_step_over_states():
         np.testing.assert_allclose(batched.hyperparams[i], single.hyperparams, rtol=1e-6)
         np.testing.assert_allclose(batched.params[i], single.params, rtol=1e-6)
     np.testing.assert_array_equal(batched.step, [1, 1, 1])
+
+
+@pytest.mark.parametrize("copier", ["pickle", "copy", "deepcopy"])
+def test_states_and_windows_round_trip_through_pickle_and_copy(copier):
+    import copy
+    import pickle
+
+    from gradhpo import OnlineHypergradientOptimizer, Stacked
+
+    do = {
+        "pickle": lambda x: pickle.loads(pickle.dumps(x)),
+        "copy": copy.copy,
+        "deepcopy": copy.deepcopy,
+    }[copier]
+    opt = OnlineHypergradientOptimizer(
+        optax.sgd(0.1, momentum=0.9), outer_optimizer=optax.adam(0.1)
+    )
+    state = opt.init({"w": jnp.arange(3.0)}, jnp.ones(2))
+    again = do(state)
+    assert isinstance(again, BilevelState)
+    assert jax.tree.structure(again) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(AttributeError, match="immutable"):
+        again.step = 3  # still immutable
+    for window in (Stacked(jnp.arange(6.0).reshape(3, 2)), Stacked.repeat({"x": jnp.ones(2)}, 4)):
+        copied = do(window)
+        assert copied.num_steps == window.num_steps
+        for a, b in zip(jax.tree.leaves(copied), jax.tree.leaves(window), strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -201,7 +201,13 @@ def test_episode_program_compiles_once_across_episodes():
     assert len(traces) == 1
 
 
-def test_population_equals_sequential_runs():
+@pytest.mark.parametrize("x64_mode", [False, True], ids=["float32", "float64"])
+def test_population_equals_sequential_runs(x64_mode):
+    with jax.enable_x64(x64_mode):
+        _population_equals_sequential_runs(rtol=1e-13 if x64_mode else 2e-5)
+
+
+def _population_equals_sequential_runs(rtol):
     train, val = logreg_data(seed=4)
     opt = make_opt()
     sampler = minibatches(train, 10)
@@ -224,9 +230,9 @@ def test_population_equals_sequential_runs():
         )
         member = jax.tree.map(lambda x, i=i: x[i], pop.state)
         for x, y in zip(jax.tree.leaves(member), jax.tree.leaves(single.state), strict=True):
-            np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol / 20)
         np.testing.assert_allclose(
-            pop.history["val_loss"][i], single.history["val_loss"], rtol=2e-5
+            pop.history["val_loss"][i], single.history["val_loss"], rtol=rtol
         )
 
 

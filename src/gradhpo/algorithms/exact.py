@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from gradhpo.core._checks import positive_int
+from gradhpo.core._checks import flag, positive_int
 from gradhpo.core.base import Estimate, WindowOptimizer
 from gradhpo.core.batches import Stacked
 from gradhpo.core.checkpoint import MIXED_MODE_NEEDS_OPTIMIZER, Checkpoint, check_checkpoint
@@ -121,8 +121,7 @@ class _ReverseMode(WindowOptimizer):
                 )
         self.truncation = truncation
         self.checkpoint = check_checkpoint(checkpoint, checkpoint_every)
-        if not isinstance(mixed_mode, bool):
-            raise TypeError(f"mixed_mode must be True or False, got {mixed_mode!r}")
+        mixed_mode = flag("mixed_mode", mixed_mode)
         if mixed_mode and self.inner.kind == "update_fn":
             raise ValueError(MIXED_MODE_NEEDS_OPTIMIZER)
         self.mixed_mode = mixed_mode

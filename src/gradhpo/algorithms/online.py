@@ -32,13 +32,14 @@ from gradhpo.algorithms._hyperdistill import (
     mix_batches,
     num_examples,
 )
-from gradhpo.core._checks import positive_int, real_in
+from gradhpo.core._checks import flag, positive_int, real_in
 from gradhpo.core.base import Estimate, OnlineOptimizer, Refit
 from gradhpo.core.inner import validation_grads
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import Batch, InnerOptimizer, PyTree, UpdateFn
 from gradhpo.utils.dependence import output_depends_on
 from gradhpo.utils.tree import (
+    all_finite,
     leading_axis_length,
     stack_batches,
     tree_add,
@@ -52,6 +53,8 @@ __all__ = ["OnlineHypergradientOptimizer", "ThetaFit"]
 _THETA_POINTS = ("interpolated", "trajectory")
 #: Metadata keys that exist only with ``distill_batch=True``.
 _DISTILL_KEYS = ("distilled_batch", "key")
+#: Counter of θ fits (Algorithm 4) that came out non-finite and kept the previous θ.
+FAILED_FITS_KEY = "failed_theta_fits"
 # Salt that separates Algorithm 4's batch-mixing draws from those of the online steps.
 _ESTIMATION_SALT = 0x7E7A
 
@@ -149,11 +152,11 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
         self.gamma = float(gamma)
         self.estimation_period = positive_int("estimation_period", estimation_period)
         self.T = positive_int("T", T)
-        self.distill_batch = bool(distill_batch)
-        self.unit_direction = bool(unit_direction)
+        self.distill_batch = flag("distill_batch", distill_batch)
+        self.unit_direction = flag("unit_direction", unit_direction)
         self.theta_points = theta_points
         # Algorithm 3, line 1: the loops refit θ every estimation_period episodes.
-        self.refit = Refit(self.estimation_period, self.T, self.refit_theta)
+        self.refit = Refit(self.estimation_period, self.T, self.refit_theta, FAILED_FITS_KEY)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -216,6 +219,7 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
             "S_t": jnp.zeros((), dtype),
             "w_star": params,
             "theta": jnp.ones((), dtype),
+            FAILED_FITS_KEY: jnp.zeros((), jnp.int32),
         }
 
     def init_metadata_keys(self, params: PyTree, hyperparams: PyTree) -> set[str]:
@@ -258,7 +262,9 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
             :meth:`estimate_theta`.
 
         Returns:
-          ``state`` with θ replaced by the new estimate.
+          ``state`` with θ replaced by the new estimate; where the fit is non-finite, the
+          previous θ stays and ``metadata["failed_theta_fits"]`` grows by one (the
+          training loops warn).
 
         Example:
           >>> import jax.numpy as jnp, optax, gradhpo
@@ -275,8 +281,11 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
         References:
           Lee et al., ICLR 2022, Algorithm 3.
         """
-        theta = self.estimate_theta(state, train_batches, val_batch, train_loss_fn, val_loss_fn)
-        return self.with_theta(state, theta)
+        batches = self._theta_batches(train_batches)
+        fit, failed = self._fit_theta(state, batches, val_batch, train_loss_fn, val_loss_fn)
+        state = self.with_theta(state, fit.theta)
+        count = state.metadata[FAILED_FITS_KEY] + failed.astype(jnp.int32)
+        return state.update(metadata={**state.metadata, FAILED_FITS_KEY: count})
 
     # -- Algorithm 3: one online step -------------------------------------------------------
 
@@ -359,13 +368,17 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
         References:
           Lee et al., ICLR 2022, Algorithm 4 and Eq. 17; Fu et al., IJCAI 2016 (DrMAD).
         """
+        batches = self._theta_batches(train_batches)
+        return self._fit_theta(state, batches, val_batch, train_loss_fn, val_loss_fn)[0]
+
+    def _theta_batches(self, train_batches):
         batches = stack_batches(train_batches)
         n = leading_axis_length(batches, "train_batches")
         if n != self.T:
             raise ValueError(
                 f"train_batches must hold T = {self.T} batches (the episode length), got {n}"
             )
-        return self._fit_theta(state, batches, val_batch, train_loss_fn, val_loss_fn)
+        return batches
 
     def estimate_theta(
         self, state: BilevelState, train_batches, val_batch, train_loss_fn, val_loss_fn
@@ -395,7 +408,7 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
 
     @partial(jax.jit, static_argnums=(0, 4, 5))
     def _fit_theta(self, state, train_batches, val_batch, train_loss_fn, val_loss_fn):
-        self._check_state(state)
+        self._check_state(state, outer=False)
         key = None
         if self.distill_batch:
             key = jax.random.fold_in(state.metadata["key"], _ESTIMATION_SALT)
@@ -412,6 +425,9 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
             stored=self.theta_points == "trajectory",
             key=key,
         )
-        # Every v_s = 0 leaves θ undefined (and irrelevant): keep the state's.
-        theta = jnp.where(jnp.dot(fit.x, fit.x) > 0, fit.theta, state.metadata["theta"])
-        return fit._replace(theta=theta.astype(state.metadata["theta"].dtype))
+        # Every v_s = 0 leaves θ undefined (and irrelevant): keep the state's. A non-finite
+        # fit keeps it too, and refit_theta counts it.
+        failed = ~all_finite((fit.theta, fit.x, fit.y))
+        defined = jnp.dot(fit.x, fit.x) > 0
+        theta = jnp.where(defined & ~failed, fit.theta, state.metadata["theta"])
+        return fit._replace(theta=theta.astype(state.metadata["theta"].dtype)), failed

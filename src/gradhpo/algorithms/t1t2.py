@@ -122,6 +122,17 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
     return value
 
 
+def _check_eps(eps: float, dtype) -> None:
+    """``eps`` at least √(machine epsilon) of ``dtype``: below it round-off dominates."""
+    smallest = float(jnp.finfo(dtype).eps) ** 0.5
+    if eps < smallest:
+        raise ValueError(
+            f"eps = {eps:g} is below √(machine epsilon) of {jnp.dtype(dtype).name} "
+            f"({smallest:.2g}): the finite difference would be mostly round-off (a "
+            f"hypergradient orders of magnitude off); use eps in [{smallest:.2g}, 1]"
+        )
+
+
 class T1T2Optimizer(MemorylessOnlineOptimizer):
     """T1-T2 hypergradient ``g_FO + α_T B_T`` with ``α_T B_T`` by DARTS finite differences.
 
@@ -131,7 +142,7 @@ class T1T2Optimizer(MemorylessOnlineOptimizer):
     ``fd`` chooses how ``α_T B_T`` is computed:
 
     * ``"weights"`` (default) — DARTS Eq. 8, a central difference of ``∇_λ L_train`` at
-      ``w_{T-1} ± εα_T`` with ``ε = eps/‖α_T‖`` (``eps = 0.01``)::
+      ``w_{T-1} ± εα_T`` with ``ε = eps·max(1, RMS(w))/‖α_T‖`` (``eps = 0.01``)::
 
           α_T B_T ≈ -ξ [∇_λ L_train(w_{T-1} + εα_T) - ∇_λ L_train(w_{T-1} - εα_T)] / 2ε
 
@@ -158,9 +169,12 @@ class T1T2Optimizer(MemorylessOnlineOptimizer):
       inner_optimizer, outer_optimizer, update_fn: see
         :class:`~gradhpo.core.base.BilevelOptimizer`.
       fd: ``"weights"``, ``"coordinates"`` or ``None`` (see above).
-      eps: weights mode: the norm of the weight perturbation ``εα_T`` (default 0.01);
-        coordinates mode: the relative step ``h_i / max(1, |λ_i|)`` (default
-        ``cbrt(machine epsilon)``). Must be > 0; not used by ``fd=None``.
+      eps: weights mode: the norm of the weight perturbation ``εα_T`` (default 0.01, as
+        in DARTS), relative to ``max(1, RMS(w))`` so that it cannot sink below the weights'
+        round-off; coordinates mode: the relative step ``h_i / max(1, |λ_i|)`` (default
+        ``cbrt(machine epsilon)``). Accepted range: ``[√(machine epsilon), 1]`` of the
+        dtype (checked when the step is traced: ``[3.5e-4, 1]`` in float32,
+        ``[1.5e-8, 1]`` in float64); not used by ``fd=None``.
       xi: weights mode only: the step size ξ of the SGD step the estimator differentiates
         (default: the step size of a plain ``optax.sgd`` inner optimizer). Required with
         ``update_fn``; must be >= 0.
@@ -200,6 +214,11 @@ class T1T2Optimizer(MemorylessOnlineOptimizer):
             raise ValueError(f'fd must be "weights", "coordinates" or None, got {fd!r}')
         if eps is not None:
             eps = _positive("eps", eps)
+            if eps > 1.0:
+                raise ValueError(
+                    f"eps must be in (0, 1] (a relative finite-difference step; above 1 the "
+                    f"difference is no longer local), got {eps}"
+                )
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
             raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
         chunk_size = positive_int("chunk_size", chunk_size)
@@ -211,6 +230,7 @@ class T1T2Optimizer(MemorylessOnlineOptimizer):
                 )
             xi = _positive("xi", xi, allow_zero=True)
         self.fd = fd
+        self._eps_given = eps is not None
         self.chunk_size = int(chunk_size)
         if fd == "weights":
             self.xi = self._weights_mode_xi(xi)
@@ -271,8 +291,17 @@ class T1T2Optimizer(MemorylessOnlineOptimizer):
         """DARTS Eq. 8: ``-ξ [∇_λ L_train(w + εα) - ∇_λ L_train(w - εα)] / 2ε``."""
         if self.xi == 0.0:  # first-order DARTS: no second-order term
             return jax.tree.map(jnp.zeros_like, lam)
+        dtype = jnp.result_type(*jax.tree.leaves(w))
+        base = self.eps
+        if not self._eps_given:  # DARTS' 0.01, or cbrt(machine epsilon) where larger (f16)
+            base = max(base, float(jnp.finfo(dtype).eps) ** (1 / 3))
+        _check_eps(base, dtype)
+        # The perturbation's norm: eps, or eps·RMS(w) where the weights are larger than 1,
+        # so that it never sinks below the weights' round-off.
+        size = sum(x.size for x in jax.tree.leaves(w))
+        scale = jnp.maximum(1.0, tree_norm(w) / math.sqrt(max(size, 1)))
         norm_alpha = tree_norm(alpha)
-        eps = self.eps / jnp.where(norm_alpha > 0, norm_alpha, 1)  # ε = 0.01 / ‖α_T‖
+        eps = base * scale / jnp.where(norm_alpha > 0, norm_alpha, 1)  # ε = 0.01 / ‖α_T‖
         w_plus = jax.tree.map(lambda x, a: (x + eps * a).astype(x.dtype), w, alpha)
         w_minus = jax.tree.map(lambda x, a: (x - eps * a).astype(x.dtype), w, alpha)
 
@@ -297,6 +326,7 @@ class T1T2Optimizer(MemorylessOnlineOptimizer):
         eps = self.eps
         if eps is None:  # balances truncation (∝ h²) and round-off (∝ machine eps / h)
             eps = float(jnp.finfo(lam_flat.dtype).eps) ** (1 / 3)
+        _check_eps(eps, lam_flat.dtype)
         h = eps * jnp.maximum(1, jnp.abs(lam_flat))
         lam_plus, lam_minus = lam_flat + h, lam_flat - h
         two_h = lam_plus - lam_minus  # the step actually taken, exactly representable

@@ -85,3 +85,27 @@ def lr_hyper_rule(has_outer_optimizer: bool, lr_hyper: Any, *, schedules: bool =
         raise TypeError(f"lr_hyper must be a float or a scalar array, got {lr_hyper!r}")
     if jnp.shape(lr_hyper) != ():
         raise ValueError(f"lr_hyper must be a scalar, got shape {jnp.shape(lr_hyper)}")
+    if not jnp.issubdtype(jnp.result_type(lr_hyper), jnp.number) or jnp.issubdtype(
+        jnp.result_type(lr_hyper), jnp.complexfloating
+    ):
+        raise TypeError(f"lr_hyper must be a real number, got dtype {jnp.result_type(lr_hyper)}")
+    if isinstance(lr_hyper, jax.core.Tracer):
+        return  # traced (inside the caller's jit): its value is not known here
+    value = float(lr_hyper)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"lr_hyper must be a finite number >= 0, got {value}")
+
+
+def flag(name: str, value: Any) -> bool:
+    """``value`` as a ``bool``: ``True``/``False`` (numpy booleans too); anything else refused.
+
+    A string such as ``"no"`` is an error, never ``True``.
+
+    Example:
+      >>> from gradhpo.core._checks import flag
+      >>> flag("strict", False)
+      False
+    """
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)

@@ -33,14 +33,18 @@ import optax
 from gradhpo.core._checks import lr_hyper_rule, positive_int
 from gradhpo.core.batches import Stacked, as_window
 from gradhpo.core.inner import InnerStep, check_matches
-from gradhpo.core.state import BilevelState
+from gradhpo.core.state import BilevelState, check_single
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
 from gradhpo.utils.tree import all_finite, tree_norm, tree_select
 
 #: Metadata keys written by every optimizer's ``step``.
 METRIC_KEYS = ("train_loss", "val_loss", "hypergrad_norm")
-#: Counters of updates skipped by the non-finite guards.
-COUNTER_KEYS = ("skipped_hyper_updates", "skipped_inner_updates")
+#: Counters of the non-finite guards: hyper-updates skipped (nothing of the step committed),
+#: skipped steps whose new weights or inner state were non-finite (and skipped
+#: ``inner_step`` calls), and hyper-updates skipped in a row since the last accepted one.
+COUNTER_KEYS = ("skipped_hyper_updates", "skipped_inner_updates", "consecutive_skips")
+#: Hyper-updates skipped in a row (0 after an accepted one): a stalled run keeps counting.
+STALL_KEY = "consecutive_skips"
 #: Inner steps accepted since the episode began (``new_episode`` sets it to 0).
 EPISODE_KEY = "episode_step"
 
@@ -89,11 +93,14 @@ class Refit(NamedTuple):
       num_batches: how many training batches ``fn`` takes (stacked along a leading axis).
       fn: ``fn(state, train_batches, val_batch, train_loss_fn, val_loss_fn) -> state``,
         traceable.
+      failures: the metadata key of a counter ``fn`` increments when the refit fails and
+        keeps the old values (the loops warn when it grows), or ``None``.
     """
 
     every: int
     num_batches: int
     fn: Callable[..., BilevelState]
+    failures: str | None = None
 
 
 class _ImmutableAfterInit(abc.ABCMeta):
@@ -119,6 +126,23 @@ def _float_tree(name: str, tree: PyTree) -> PyTree:
                 f"differentiated), got dtype {leaf.dtype}"
             )
     return tree
+
+
+def _check_like(name: str, expected: PyTree, got: PyTree, made_by: str) -> None:
+    """``got`` has the structure, shapes and dtypes of ``expected`` (shape structs)."""
+    if jax.tree.structure(expected) != jax.tree.structure(got):
+        raise ValueError(
+            f"{name} does not match this optimizer (pytree structure "
+            f"{jax.tree.structure(got)}, expected {jax.tree.structure(expected)}): {made_by}"
+        )
+    for (path, e), g in zip(
+        jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got), strict=True
+    ):
+        if jnp.shape(g) != e.shape or jnp.result_type(g) != e.dtype:
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} is {jnp.result_type(g)}{list(jnp.shape(g))}"
+                f", expected {e.dtype}{list(e.shape)}: {made_by}"
+            )
 
 
 def _cast_like(old: PyTree, new: PyTree) -> PyTree:
@@ -199,7 +223,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
           >>> opt = OneStepOptimizer(inner_optimizer=optax.sgd(0.1))
           >>> state = opt.init(jnp.zeros(3), jnp.ones(3))
           >>> int(state.step), sorted(state.metadata)[:3]
-          (0, ['episode_step', 'hypergrad_norm', 'skipped_hyper_updates'])
+          (0, ['consecutive_skips', 'episode_step', 'hypergrad_norm'])
         """
         params = _float_tree("params", params)
         hyperparams = _float_tree("hyperparams", hyperparams)
@@ -281,10 +305,16 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
     ) -> BilevelState:
         """Apply an :class:`Estimate`: guarded inner and outer updates, counters, metrics.
 
-        A non-finite new weight or inner optimizer state keeps the weights, the inner state
-        and the algorithm's metadata as they were (``"skipped_inner_updates"`` + 1); a
-        non-finite hypergradient, λ or outer optimizer state keeps λ and the outer state
-        (``"skipped_hyper_updates"`` + 1). Traceable.
+        The new state is committed whole or not at all: a non-finite value anywhere in the
+        new weights, inner optimizer state, hypergradient (or its squared norm), λ, outer
+        optimizer state or the algorithm's metadata (HyperDistill's ``w*``, ``D*``, ``S_t``)
+        keeps all of them, and the episode counter, as they were. The skip is counted:
+        ``"skipped_hyper_updates"`` + 1, ``"consecutive_skips"`` + 1 (reset to 0 by the next
+        accepted update), and ``"skipped_inner_updates"`` + 1 where the new weights or
+        inner state were the non-finite part. The metrics (``"train_loss"``,
+        ``"val_loss"``, ``"hypergrad_norm"``) are written either way, so a skip shows.
+        ``state.step`` advances either way (it counts the inner steps attempted).
+        Traceable.
 
         Args:
           state: the state ``estimate`` was computed from.
@@ -312,29 +342,38 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         base = state if estimate.origin is None else estimate.origin
         check_matches("the hypergradient", base.hyperparams, estimate.hypergrad)
         check_matches("the new params", base.params, estimate.params)
-        inner_ok = all_finite((estimate.params, estimate.inner_opt_state))
-        params = tree_select(inner_ok, estimate.params, base.params)
-        inner_state = tree_select(inner_ok, estimate.inner_opt_state, base.inner_opt_state)
-
         new_hyper, new_outer = self._outer_update(base, estimate.hypergrad, lr_hyper)
-        hyper_ok = all_finite((estimate.hypergrad, new_hyper, new_outer))
-        hyperparams = tree_select(hyper_ok, new_hyper, base.hyperparams)
-        outer_state = tree_select(hyper_ok, new_outer, base.outer_opt_state)
+        hypergrad_norm = tree_norm(estimate.hypergrad)
+        algorithm = {
+            key: _cast_like(base.metadata[key], value)
+            for key, value in (estimate.metadata or {}).items()
+        }
+        inner_ok = all_finite((estimate.params, estimate.inner_opt_state))
+        # All or nothing: λ, the outer state, the weights, the inner state and the
+        # algorithm's metadata are committed together. The squared norm of the hypergradient
+        # must be representable too, so that no second-moment estimate can overflow.
+        ok = inner_ok & all_finite((estimate.hypergrad, hypergrad_norm, new_hyper, new_outer))
+        ok = ok & all_finite(algorithm)
+        params = tree_select(ok, estimate.params, base.params)
+        inner_state = tree_select(ok, estimate.inner_opt_state, base.inner_opt_state)
+        hyperparams = tree_select(ok, new_hyper, base.hyperparams)
+        outer_state = tree_select(ok, new_outer, base.outer_opt_state)
 
         metadata = dict(base.metadata)
-        for key, value in (estimate.metadata or {}).items():
-            metadata[key] = tree_select(inner_ok, _cast_like(metadata[key], value), metadata[key])
+        for key, value in algorithm.items():
+            metadata[key] = tree_select(ok, value, metadata[key])
         metrics = {
             "train_loss": estimate.train_loss,
             "val_loss": estimate.val_loss,
-            "hypergrad_norm": tree_norm(estimate.hypergrad),
+            "hypergrad_norm": hypergrad_norm,
         }
         for key, value in metrics.items():
             metadata[key] = jnp.asarray(value, metadata[key].dtype)
-        metadata["skipped_hyper_updates"] = metadata["skipped_hyper_updates"] + (~hyper_ok)
+        metadata["skipped_hyper_updates"] = metadata["skipped_hyper_updates"] + (~ok)
         metadata["skipped_inner_updates"] = metadata["skipped_inner_updates"] + (~inner_ok)
+        metadata[STALL_KEY] = jnp.where(ok, 0, metadata[STALL_KEY] + 1).astype(jnp.int32)
         steps = jnp.asarray(estimate.num_steps, jnp.int32)
-        metadata[EPISODE_KEY] = metadata[EPISODE_KEY] + jnp.where(inner_ok, steps, 0)
+        metadata[EPISODE_KEY] = metadata[EPISODE_KEY] + jnp.where(ok, steps, 0)
         return BilevelState(
             params=params,
             hyperparams=hyperparams,
@@ -373,7 +412,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
           ...     lambda w, lam, b: jnp.sum(w**2), lambda w, lam, b: jnp.sum(lam * w))
           Array([0.8, 0.8], dtype=float32)
         """
-        self._check_state(state)
+        self._check_state(state, outer=False)
         return self.estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn).hypergrad
 
     # -- shared machinery -----------------------------------------------------------------
@@ -384,23 +423,37 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         estimate = self.estimate(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
         return self.apply(state, estimate, lr_hyper)
 
-    def _check_state(self, state: BilevelState) -> None:
-        """Trace-time validation that ``state`` belongs to this optimizer."""
-        if not isinstance(state, BilevelState):
-            raise TypeError(f"state must be a BilevelState, got {type(state).__name__}")
+    def _check_state(self, state: BilevelState, *, outer: bool = True) -> None:
+        """Trace-time validation that ``state`` belongs to this optimizer.
+
+        ``outer=False`` leaves the outer optimizer state unchecked (a hypergradient does not
+        read it, so a state of another optimizer on the same problem may be compared).
+        """
+        check_single(
+            state,
+            "map the call over the members with jax.vmap(opt.step, ...), or use "
+            "gradhpo.training.run_population",
+        )
+        made_by = f"create the state with this optimizer's init ({type(self).__name__}.init)"
+        for name in ("params", "hyperparams"):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(state, name)):
+                if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                    raise TypeError(
+                        f"state.{name}{jax.tree_util.keystr(path)} must be a floating-point "
+                        f"array, got {type(leaf).__name__} of dtype {jnp.result_type(leaf)}"
+                    )
         expected = self.init_metadata_keys(state.params, state.hyperparams)
         missing = expected - set(state.metadata)
         if missing:
-            raise ValueError(
-                f"state.metadata lacks {sorted(missing)}: create the state with this "
-                f"optimizer's init ({type(self).__name__}.init)"
-            )
+            raise ValueError(f"state.metadata lacks {sorted(missing)}: {made_by}")
         expected_inner = jax.eval_shape(self.inner.init, state.params, state.hyperparams)
-        if jax.tree.structure(expected_inner) != jax.tree.structure(state.inner_opt_state):
-            raise ValueError(
-                "state.inner_opt_state does not match this optimizer's inner optimizer: create "
-                f"the state with {type(self).__name__}.init"
-            )
+        _check_like("state.inner_opt_state", expected_inner, state.inner_opt_state, made_by)
+        if not outer:
+            return
+        expected_outer = None
+        if self.outer_optimizer is not None:
+            expected_outer = jax.eval_shape(self.outer_optimizer.init, state.hyperparams)
+        _check_like("state.outer_opt_state", expected_outer, state.outer_opt_state, made_by)
 
     def init_metadata_keys(self, params: PyTree, hyperparams: PyTree) -> set[str]:
         """Every metadata key this optimizer's ``init`` creates."""
@@ -439,7 +492,6 @@ class OnlineOptimizer(BilevelOptimizer):
     :meth:`inner_step` calls, then the estimator's last step.
     """
 
-    @partial(jax.jit, static_argnums=(0, 4, 5))
     def step(
         self,
         state: BilevelState,
@@ -452,7 +504,8 @@ class OnlineOptimizer(BilevelOptimizer):
         """One inner step of the weights and one hyper-update of λ: ``apply(estimate(...))``.
 
         Jitted with ``self``, ``train_loss_fn`` and ``val_loss_fn`` static; ``lr_hyper`` is
-        traced, so a new value (a decaying schedule) never recompiles.
+        traced, so a new value (a decaying schedule) never recompiles. A concrete
+        ``lr_hyper`` is checked before the call (a finite number >= 0).
 
         Args:
           state: the current state (from :meth:`init` or a previous ``step``).
@@ -466,8 +519,8 @@ class OnlineOptimizer(BilevelOptimizer):
 
         Returns:
           The new state: weights and λ updated, ``step`` + 1, metrics in ``metadata``. A
-          non-finite hypergradient (or inner update) is skipped and counted in
-          ``metadata["skipped_hyper_updates"]`` (``"skipped_inner_updates"``).
+          step with anything non-finite is not committed at all (see :meth:`apply`) and is
+          counted in ``metadata["skipped_hyper_updates"]``.
 
         Example:
           >>> import jax.numpy as jnp, optax
@@ -481,6 +534,11 @@ class OnlineOptimizer(BilevelOptimizer):
           >>> int(state.step), bool(jnp.all(state.hyperparams < 0))
           (3, True)
         """
+        lr_hyper_rule(self.outer_optimizer is not None, lr_hyper)
+        return self._jit_step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper)
+
+    @partial(jax.jit, static_argnums=(0, 4, 5))
+    def _jit_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper):
         return self._step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper)
 
     def estimate(self, state, window, val_batch, train_loss_fn, val_loss_fn) -> Estimate:
@@ -539,10 +597,14 @@ class OnlineOptimizer(BilevelOptimizer):
         new = self.inner(
             state.params, state.inner_opt_state, state.hyperparams, train_batch, train_loss_fn
         )
-        ok = all_finite((new.params, new.inner_opt_state))
+        tracked = {
+            key: _cast_like(state.metadata[key], value)
+            for key, value in self._track(state, train_batch).items()
+        }
+        ok = all_finite((new.params, new.inner_opt_state, tracked))  # all or nothing
         metadata = dict(state.metadata)
-        for key, value in self._track(state, train_batch).items():
-            metadata[key] = tree_select(ok, _cast_like(metadata[key], value), metadata[key])
+        for key, value in tracked.items():
+            metadata[key] = tree_select(ok, value, metadata[key])
         metadata["train_loss"] = jnp.asarray(new.train_loss, metadata["train_loss"].dtype)
         metadata["skipped_inner_updates"] = metadata["skipped_inner_updates"] + (~ok)
         metadata[EPISODE_KEY] = metadata[EPISODE_KEY] + ok.astype(jnp.int32)
@@ -604,7 +666,6 @@ class WindowOptimizer(BilevelOptimizer):
         super().__init__(inner_optimizer, outer_optimizer, update_fn)
         self.unroll_steps = positive_int("unroll_steps", unroll_steps)
 
-    @partial(jax.jit, static_argnums=(0, 4, 5))
     def step(
         self,
         state: BilevelState,
@@ -612,6 +673,7 @@ class WindowOptimizer(BilevelOptimizer):
         val_batch: Batch | Stacked,
         train_loss_fn: LossFn,
         val_loss_fn: LossFn,
+        lr_hyper: None = None,
     ) -> BilevelState:
         """``unroll_steps`` inner steps and one outer update of λ: ``apply(estimate(...))``.
 
@@ -625,6 +687,7 @@ class WindowOptimizer(BilevelOptimizer):
           val_batch: the validation batch, likewise single or :class:`~gradhpo.Stacked`.
           train_loss_fn: ``L_train(params, hyperparams, batch) -> scalar``.
           val_loss_fn: ``L_val(params, hyperparams, batch) -> scalar``.
+          lr_hyper: must stay ``None``: the ``outer_optimizer`` sets the hyper step size.
 
         Returns:
           The new state: weights after T inner steps, λ after one ``outer_optimizer``
@@ -643,6 +706,15 @@ class WindowOptimizer(BilevelOptimizer):
           >>> opt.step(state, batches, None, train, val).hyperparams
           Array([-0.0625], dtype=float32)
         """
+        if lr_hyper is not None:
+            raise ValueError(
+                f"{type(self).__name__}.step takes no lr_hyper: its outer_optimizer sets the "
+                "hyper step size (an optax learning rate or schedule); drop the argument"
+            )
+        return self._jit_step(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
+
+    @partial(jax.jit, static_argnums=(0, 4, 5))
+    def _jit_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn):
         return self._step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, None)
 
     def estimate(self, state, window, val_batch, train_loss_fn, val_loss_fn) -> Estimate:

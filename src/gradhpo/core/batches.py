@@ -8,6 +8,7 @@ stacked along a leading step axis, or one batch reused for every step
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -157,6 +158,16 @@ class Stacked:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Stacked is immutable")
+
+    # Pickling and copying: the slots are read-only, so rebuild through the pytree protocol.
+    def __reduce__(self):
+        return Stacked.tree_unflatten, (self._repeat, (self.batches,))
+
+    def __copy__(self) -> Stacked:
+        return Stacked.tree_unflatten(self._repeat, (self.batches,))
+
+    def __deepcopy__(self, memo: dict) -> Stacked:
+        return Stacked.tree_unflatten(self._repeat, (copy.deepcopy(self.batches, memo),))
 
     def __repr__(self) -> str:
         if self._repeat is not None:

@@ -27,7 +27,36 @@ from gradhpo.utils.tree import is_inexact
 
 
 def check_scalar(name: str, value: Any) -> None:
-    """Raise a ValueError unless ``value`` is a scalar (checked on shapes, at trace time)."""
+    """Raise unless ``value`` is a real floating-point scalar (checked at trace time).
+
+    A ``(loss, aux)`` pair, an integer, boolean or complex loss, or an array of another
+    shape is a clear error naming ``name``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gradhpo.core.inner import check_scalar
+      >>> check_scalar("val_loss_fn", jnp.float32(1.0))
+      >>> check_scalar("val_loss_fn", (jnp.float32(1.0), {}))  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      TypeError: val_loss_fn must return a scalar loss, got a tuple ...
+    """
+    if isinstance(value, tuple | list | dict):
+        raise TypeError(
+            f"{name} must return a scalar loss, got a {type(value).__name__} (a (loss, aux) "
+            "pair? return the loss alone and compute auxiliary values outside)"
+        )
+    try:
+        dtype = jnp.result_type(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must return a scalar loss (a float array), got {type(value).__name__}"
+        ) from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must return a real floating-point loss (it is differentiated), got "
+            f"dtype {dtype}"
+        )
     if jnp.shape(value) != ():
         raise ValueError(
             f"{name} must return a scalar loss, got an array of shape {jnp.shape(value)}"

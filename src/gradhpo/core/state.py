@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import jax
@@ -29,7 +30,8 @@ class BilevelState:
         static structure, its values are leaves.
 
     All six fields are pytree children, so a state passes through ``jax.jit``, ``jax.vmap``
-    (a batch of states with a leading axis on every leaf) and ``jax.tree.map``.
+    (a batch of states with a leading axis on every leaf) and ``jax.tree.map``; it
+    round-trips through ``pickle`` and ``copy.deepcopy``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -121,6 +123,17 @@ class BilevelState:
         inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELDS)
         return f"BilevelState({inner})"
 
+    # -- pickling and copying (the fields are read-only, so the defaults cannot set them) --
+
+    def __reduce__(self):
+        return _rebuild, tuple(getattr(self, name) for name in _FIELDS)
+
+    def __copy__(self) -> BilevelState:
+        return _rebuild(*(getattr(self, name) for name in _FIELDS))
+
+    def __deepcopy__(self, memo: dict) -> BilevelState:
+        return _rebuild(*(copy.deepcopy(getattr(self, name), memo) for name in _FIELDS))
+
     # -- pytree protocol -------------------------------------------------------------------
 
     def _tree_flatten_with_keys(self):
@@ -134,6 +147,41 @@ class BilevelState:
         for name, value in zip(_FIELDS, children, strict=True):
             object.__setattr__(obj, name, value)
         return obj
+
+
+def check_single(state: Any, population_remedy: str, name: str = "state") -> None:
+    """``state`` is one :class:`BilevelState` (not a run's result, not a population).
+
+    Args:
+      state: the value given.
+      population_remedy: what to do instead with a population (a leading axis on every
+        leaf), for the message.
+      name: the argument's name.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gradhpo.core.state import BilevelState, check_single
+      >>> s = BilevelState(jnp.zeros(2), jnp.ones(2))
+      >>> check_single(s, "use run_population")
+      >>> pop = jax.tree.map(lambda x: jnp.stack([x, x]), s)
+      >>> check_single(pop, "use run_population")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: state carries a leading population axis (state.step has shape (2,)): ...
+    """
+    if not isinstance(state, BilevelState):
+        hint = " (a run's result: pass result.state)" if hasattr(state, "history") else ""
+        raise TypeError(f"{name} must be a BilevelState, got {type(state).__name__}{hint}")
+    if jnp.ndim(state.step) != 0:
+        raise ValueError(
+            f"{name} carries a leading population axis ({name}.step has shape "
+            f"{jnp.shape(state.step)}): {population_remedy}"
+        )
+
+
+def _rebuild(*fields: Any) -> BilevelState:
+    """A state from its six fields as stored (what unpickling and copying call)."""
+    return BilevelState._tree_unflatten(None, fields)
 
 
 jax.tree_util.register_pytree_with_keys(

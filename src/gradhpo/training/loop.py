@@ -24,11 +24,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from gradhpo.core._checks import lr_hyper_rule, positive_int
-from gradhpo.core.base import BilevelOptimizer, WindowOptimizer
+from gradhpo.core._checks import flag, lr_hyper_rule, positive_int
+from gradhpo.core.base import STALL_KEY, BilevelOptimizer, WindowOptimizer
 from gradhpo.core.batches import Stacked
-from gradhpo.core.state import BilevelState
+from gradhpo.core.state import BilevelState, check_single
 from gradhpo.core.types import LossFn, PyTree
 from gradhpo.diagnostics import fidelity
 from gradhpo.training import programs
@@ -36,6 +37,9 @@ from gradhpo.training.data import HostSource, Sampler, as_source
 from gradhpo.training.progress import progress_bar, progress_enabled
 
 logger = logging.getLogger("gradhpo")
+
+#: Hyper-updates skipped in a row after which :func:`run` warns that the run has stalled.
+STALL_AFTER = 100
 
 #: Per-window records of the history (arrays of shape ``(num_episodes, windows)``).
 STEP_KEYS = ("train_loss", "val_loss", "hypergrad_norm", "hyper_mean", "hyper_norm", "hyper_update")
@@ -53,9 +57,10 @@ class RunResult(NamedTuple):
         ``train_loss`` (of the window's last inner step), ``val_loss``,
         ``hypergrad_norm``, ``hyper_mean`` and ``hyper_norm`` (mean and norm over every
         scalar of λ), ``hyper_update`` (whether the hyper-update was applied, False where
-        the non-finite guard skipped it); and per episode ``hyperparams`` (λ at the end of
-        each episode, leading axis ``num_episodes``) and ``theta`` where the optimizer has
-        one.
+        the non-finite guard skipped it); per episode ``theta`` where the optimizer has
+        one; and ``hyperparams``, λ at the end of every ``hyperparams_every``-th episode
+        (by default every episode; host numpy arrays, copied off the device as the run
+        goes), with their indices in ``hyperparams_episode``.
     """
 
     state: BilevelState
@@ -233,8 +238,86 @@ def _fidelity_record(loop: _Loop, state, key, episode) -> dict[str, jax.Array]:
     return dict(zip(FIDELITY_KEYS, values, strict=True))
 
 
+class StalledRunError(RuntimeError):
+    """Raised by :func:`run` with ``strict=True`` when every hyper-update is being skipped.
+
+    Attributes:
+      result: the :class:`RunResult` of the episodes run so far (the state as it was when
+        the stall was detected).
+    """
+
+    def __init__(self, message: str, result: RunResult):
+        super().__init__(message)
+        self.result = result
+
+
+class _Watch:
+    """Host-side checks between episodes: stalled hyper-updates and failed refits.
+
+    One scalar is read per episode (``"consecutive_skips"``, the maximum over a
+    population), and the refit's failure counter after each refit.
+    """
+
+    def __init__(self, opt: BilevelOptimizer, stall_after: int, strict: bool):
+        self.opt, self.stall_after, self.strict = opt, stall_after, strict
+        self.stalled = False
+        self.refit_failures = 0
+
+    def after_refit(self, state, episode: int) -> None:
+        counter = self.opt.refit.failures
+        if counter is None:
+            return
+        failures = int(jnp.max(state.metadata[counter]))
+        if failures > self.refit_failures:
+            logger.warning(
+                "episode %d: %s's refit gave non-finite values and kept the previous ones "
+                "(metadata[%r] = %d)",
+                episode,
+                type(self.opt).__name__,
+                counter,
+                failures,
+            )
+        self.refit_failures = failures
+
+    def after_episode(self, state, episode: int, partial_result) -> None:
+        skips = int(jnp.max(state.metadata[STALL_KEY]))
+        if skips < self.stall_after:
+            self.stalled = False
+            return
+        if self.stalled and not self.strict:
+            return  # warned already for this stall
+        self.stalled = True
+        message = (
+            f"episode {episode}: the last {skips} hyper-updates of {type(self.opt).__name__} "
+            "were all skipped by the non-finite guard (metadata['consecutive_skips']), so "
+            "λ no longer moves. Typical causes: λ reached a region where the losses or "
+            "their gradients are NaN or overflow (e.g. exp(λ)), or the data hold NaNs; a "
+            "smaller hyper step size, a bounded parametrisation of λ, or "
+            "optax.clip_by_global_norm in the outer optimizer may help"
+        )
+        if self.strict:
+            raise StalledRunError(message, partial_result())
+        logger.warning(message)
+
+
+def _stack(records: list, axis: int) -> Any:
+    """Stack per-episode records on the host: linear in their number, nothing compiled."""
+    host = jax.device_get(records)
+    return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs, axis)), *host)
+
+
 def _drive(
-    loop: _Loop, state, key, num_episodes, callback, progress, population, fidelity_every=None
+    loop: _Loop,
+    state,
+    key,
+    num_episodes,
+    callback,
+    progress,
+    population,
+    fidelity_every=None,
+    hyperparams_every: int | None = 1,
+    stall_after: int = STALL_AFTER,
+    strict: bool = False,
 ):
     """Run the episodes; ``key`` is the run's key (a population's: one per member)."""
     opt, config = loop.opt, loop.config
@@ -243,17 +326,33 @@ def _drive(
     new_episode = jax.vmap(opt.new_episode) if population else opt.new_episode
     show = progress_enabled(progress)
     bar = progress_bar(num_episodes, type(opt).__name__, "episode", show)
-    step_records, episode_records, fidelity_records = [], [], []
+    step_records, episode_records, fidelity_records, snapshots = [], [], [], []
+    watch = _Watch(opt, stall_after, strict)
+    axis = 1 if population else 0
+
+    def result():
+        history = _history(step_records, episode_records, snapshots, fidelity_records, axis)
+        if fidelity_every is None:
+            history = {k: v for k, v in history.items() if k not in FIDELITY_KEYS}
+        return RunResult(state, phi if config.restart else None, history)
+
     try:
         for episode in range(num_episodes):
             if refit is not None and episode % refit.every == 0:
                 if config.restart:  # the refit (θ) starts from the episode's φ
                     state = new_episode(state, phi)
                 state = loop.refit(state, key, episode)
+                watch.after_refit(state, episode)
                 logger.debug("episode %d: %s refit done", episode, type(opt).__name__)
             state, phi, records = loop.episode(state, phi, key, episode)
             step_records.append(records)
-            episode_records.append(programs.episode_record(state))
+            episode_records.append(programs.episode_record(state))  # θ, if any
+            if hyperparams_every is not None and (episode + 1) % hyperparams_every == 0:
+                # Kept on the host: long runs do not fill the device with snapshots.
+                snapshots.append(
+                    {"episode": episode, "hyperparams": jax.device_get(state.hyperparams)}
+                )
+            watch.after_episode(state, episode, result)
             if fidelity_every is not None and (episode + 1) % fidelity_every == 0:
                 fidelity_records.append(_fidelity_record(loop, state, key, episode))
                 logger.debug("episode %d: fidelity %s", episode, fidelity_records[-1])
@@ -265,14 +364,21 @@ def _drive(
                 bar.set_postfix(val_loss=f"{float(jnp.mean(records['val_loss'][..., -1])):.4g}")
     finally:
         bar.close()
-    axis = 1 if population else 0
-    history = {k: jnp.stack([r[k] for r in step_records], axis) for k in step_records[0]}
-    for k in episode_records[0]:
-        history[k] = jax.tree.map(lambda *xs: jnp.stack(xs, axis), *[r[k] for r in episode_records])
-    if fidelity_every is not None:
-        for k in FIDELITY_KEYS:
-            history[k] = jnp.stack([r[k] for r in fidelity_records]) if fidelity_records else []
-    return RunResult(state, phi if config.restart else None, history)
+    return result()
+
+
+def _history(step_records, episode_records, snapshots, fidelity_records, axis):
+    """The run's history from its per-episode records (stacked on the host)."""
+    history = _stack(step_records, axis) if step_records else {}
+    if episode_records and episode_records[0]:
+        history.update(_stack(episode_records, axis))
+    if snapshots:
+        host = [r["hyperparams"] for r in snapshots]
+        history["hyperparams"] = jax.tree.map(lambda *xs: np.stack(xs, axis), *host)
+        history["hyperparams_episode"] = jnp.asarray([r["episode"] for r in snapshots])
+    for k in FIDELITY_KEYS:
+        history[k] = jnp.stack([r[k] for r in fidelity_records]) if fidelity_records else []
+    return history
 
 
 def run(
@@ -292,6 +398,9 @@ def run(
     callback: Callable[[int, BilevelState, dict[str, jax.Array]], None] | None = None,
     progress: bool | None = None,
     fidelity_every: int | None = None,
+    hyperparams_every: int | None = 1,
+    stall_after: int = STALL_AFTER,
+    strict: bool = False,
 ) -> RunResult:
     """Train ``num_episodes`` episodes of ``episode_length`` step calls; one signature for all.
 
@@ -341,6 +450,17 @@ def run(
         agreement) in the history, one entry per evaluation. It runs on the host, between
         episodes, and draws its batches with keys of its own (a Python data source gives
         up its next batches to it).
+      hyperparams_every: k ≥ 1: keep a snapshot of λ after every k-th episode in
+        ``history["hyperparams"]`` (their episode indices in
+        ``history["hyperparams_episode"]``); ``None``: none. The per-window summaries
+        ``hyper_mean`` and ``hyper_norm`` are always kept. Each snapshot is the size of λ,
+        so for large λ over many episodes keep few.
+      stall_after: N ≥ 1: after an episode that ends with the last N hyper-updates all
+        skipped by the non-finite guard (``metadata["consecutive_skips"] >= N``, checked
+        between episodes), log a warning on the ``"gradhpo"`` logger (once per stall).
+        Default 100.
+      strict: raise :class:`StalledRunError` (with the partial result) instead of
+        warning.
 
     Returns:
       A :class:`RunResult` (final state, φ, history arrays).
@@ -368,10 +488,33 @@ def run(
     """
     if fidelity_every is not None:
         fidelity_every = positive_int("fidelity_every", fidelity_every)
+    watch = _watch_options(hyperparams_every, stall_after, strict)
     options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
     loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False)
-    key = jax.random.PRNGKey(0) if key is None else key
-    return _drive(loop, state, key, num_episodes, callback, progress, None, fidelity_every)
+    key = _run_key(key)
+    check_single(state, "use run_population for a population of states, or pass one member")
+    return _drive(loop, state, key, num_episodes, callback, progress, None, fidelity_every, *watch)
+
+
+def _watch_options(hyperparams_every, stall_after, strict) -> tuple:
+    if hyperparams_every is not None:
+        hyperparams_every = positive_int("hyperparams_every", hyperparams_every)
+    return hyperparams_every, positive_int("stall_after", stall_after), flag("strict", strict)
+
+
+def _run_key(key) -> jax.Array:
+    """The run's PRNG key (default ``PRNGKey(0)``), checked."""
+    if key is None:
+        return jax.random.PRNGKey(0)
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(
+            f"key must be one PRNG key (jax.random.PRNGKey(seed) or jax.random.key(seed)), "
+            f"got {key.dtype}{key.shape}"
+        )
+    return key
 
 
 def run_population(
@@ -390,20 +533,26 @@ def run_population(
     lr_reptile: float | None = None,
     callback: Callable[[int, BilevelState, dict[str, jax.Array]], None] | None = None,
     progress: bool | None = None,
+    hyperparams_every: int | None = 1,
+    stall_after: int = STALL_AFTER,
+    strict: bool = False,
 ) -> RunResult:
     """:func:`run` for N independent copies at once, as one ``vmap``-ped compiled program.
 
     Member i starts from ``states[i]`` (a state with a leading population axis on every
     leaf, e.g. ``jax.vmap(opt.init)(params, hyperparams)``) and draws its batches with
-    ``keys[i]``; it computes exactly what ``run(..., key=keys[i])`` computes for that member
-    alone. Data must be jittable (a Sampler or a fixed batch).
+    ``keys[i]``; it computes what ``run(..., key=keys[i])`` computes for that member alone,
+    equal to rounding but not necessarily bitwise (the batched program may order its sums
+    differently; float32 results agree to about one unit in the last place per step). Data
+    must be jittable (a Sampler or a fixed batch).
 
     Args:
       optimizer: any :class:`~gradhpo.core.base.BilevelOptimizer`.
       states: the members' initial states, stacked along a leading axis of length N.
       keys: N PRNG keys, shape ``(N, 2)``.
       train_data, val_data, train_loss_fn, val_loss_fn, num_episodes, episode_length,
-      lr_hyper, hyper_update_every, lr_reptile, callback, progress: as for :func:`run`.
+      lr_hyper, hyper_update_every, lr_reptile, callback, progress, hyperparams_every,
+      stall_after, strict: as for :func:`run` (a stall is the maximum over the members).
 
     Returns:
       A :class:`RunResult` whose every array has a leading population axis.
@@ -426,12 +575,15 @@ def run_population(
     References:
       Lee et al., ICLR 2022, Algorithm 3.
     """
+    watch = _watch_options(hyperparams_every, stall_after, strict)
     options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
     loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, True)
+    if not isinstance(states, BilevelState):
+        raise TypeError(f"states must be a BilevelState, got {type(states).__name__}")
     population = int(jnp.shape(states.step)[0]) if jnp.ndim(states.step) == 1 else None
     if population is None:
         raise ValueError("states must carry a leading population axis (states.step of shape (N,))")
     if jnp.shape(keys)[:1] != (population,):
         raise ValueError(f"keys must have a leading axis of length {population}, got {keys.shape}")
     # Member i's keys are exactly those run(key=keys[i]) would use.
-    return _drive(loop, states, keys, num_episodes, callback, progress, population)
+    return _drive(loop, states, keys, num_episodes, callback, progress, population, None, *watch)

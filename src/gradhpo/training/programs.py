@@ -64,10 +64,8 @@ def record(old: BilevelState, new: BilevelState) -> dict[str, jax.Array]:
 
 
 def episode_record(state: BilevelState) -> dict[str, Any]:
-    record = {"hyperparams": state.hyperparams}
-    if "theta" in state.metadata:
-        record["theta"] = state.metadata["theta"]
-    return record
+    """The small per-episode records of the history (θ where the optimizer has one)."""
+    return {"theta": state.metadata["theta"]} if "theta" in state.metadata else {}
 
 
 def lr_at(config: Config, lr_hyper: Any, state: BilevelState) -> Any:
