@@ -205,6 +205,57 @@ def test_idx_reader_round_trips_and_rejects_bad_files(tmp_path):
         read_idx(tmp_path / "short")
 
 
+def _corrupt(folder: pathlib.Path, how: str) -> str:
+    """Spoil one file of a tiny MNIST folder; the file name the error must give."""
+    if how == "gzip":
+        path = folder / "train-images-idx3-ubyte.gz"
+        path.write_bytes(path.read_bytes()[:40])
+        return path.name
+    if how == "counts":
+        labels = folder / "t10k-labels-idx1-ubyte"
+        write_idx(labels, read_idx(labels)[:-1])
+        return "t10k-labels-idx1-ubyte"
+    if how == "labels":
+        labels = folder / "train-labels-idx1-ubyte"
+        write_idx(labels, np.where(read_idx(labels) == 3, 12, read_idx(labels)).astype(np.uint8))
+        return labels.name
+    images = folder / "t10k-images-idx3-ubyte.gz"
+    bad = read_idx(images).astype(np.float32)
+    bad[0, 0, 0] = np.nan
+    write_idx(images, bad)
+    return images.name
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("gzip", "not a valid gzip file"),
+        ("counts", "holds 30 images but"),
+        ("labels", "labels must be in [0, 9], found [12]"),
+        ("nan", "non-finite pixel values"),
+    ],
+)
+def test_corrupt_or_inconsistent_data_files_are_named(tmp_path, capsys, how, message):
+    _write_tiny_mnist(tmp_path / "mnist")
+    name = _corrupt(tmp_path / "mnist", how)
+    argv = ["bench", "cleaning", "--quick", "--dataset", "mnist"]
+    argv += ["--data-dir", str(tmp_path / "mnist"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert name in err and message in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_explicit_flags_win_over_quick(tmp_path):
+    out = tmp_path / "out"
+    argv = ["bench", "toys", "--quick", "--outer-steps=3", "--out", str(out)]
+    assert _run(argv) == 0
+    text = (out / "toys.md").read_text()
+    assert "3 outer steps" in text and "3 hyper-updates" in text  # not --quick's 40
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 
@@ -217,6 +268,8 @@ def test_idx_reader_round_trips_and_rejects_bad_files(tmp_path):
         (["bench", "nope"], "invalid choice"),
         (["bench", "fidelity", "--gamma", "0"], "--gamma"),
         (["bench", "cleaning", "--data-dir", "/tmp"], "only for --dataset"),
+        (["demo", "--out", ""], "argument --out: must name a folder, got an empty string"),
+        (["bench", "cost", "--quick", "--out", " "], "must name a folder"),
         ([], "required"),
     ],
 )

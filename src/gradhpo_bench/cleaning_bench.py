@@ -90,7 +90,8 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         return None
     try:
         idx_paths(args.dataset, args.data_dir)
-    except FileNotFoundError as err:
+        _idx_cache(args.dataset, args.data_dir)  # read and checked now, not mid-run
+    except (FileNotFoundError, ValueError) as err:
         return f"argument --data-dir: {err}"
     return None
 
@@ -131,9 +132,9 @@ def _cell(results: list[MethodResult], field: str) -> str:
 
 def main(args: argparse.Namespace, out: pathlib.Path) -> str:
     """Run the cleaning bench; write ``cleaning.md`` and ``cleaning.png``; return the report."""
-    seeds = [args.seed + i for i in range(2 if args.quick else args.seeds)]
-    noises = args.noise[:1] if args.quick else args.noise
-    steps = 5 if args.quick else args.outer_steps
+    seeds = [args.seed + i for i in range(report.quick_value(args, "seeds", 2))]
+    noises = report.quick_value(args, "noise", args.noise[:1])
+    steps = report.quick_value(args, "outer_steps", 5)
     settings = Settings(T=4 if args.quick else 10)
     methods = build_all(args.methods, settings)
     bar = report.progress_bar(len(seeds) * len(noises) * len(methods) * steps, "cleaning")

@@ -45,10 +45,46 @@ def _common(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--out",
-        type=pathlib.Path,
+        type=_output_folder,
         default=pathlib.Path("gradhpo-results") / name,
         help=f"output folder (default gradhpo-results/{name})",
     )
+
+
+def _output_folder(text: str) -> pathlib.Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return pathlib.Path(text)
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The ``dest`` of every option of ``parser`` that ``argv`` gives explicitly.
+
+    Example:
+      >>> import argparse
+      >>> from gradhpo_bench.cli import explicit_options
+      >>> p = argparse.ArgumentParser()
+      >>> _ = p.add_argument("--seeds", type=int, default=5)
+      >>> _ = p.add_argument("--outer-steps", type=int, default=200)
+      >>> sorted(explicit_options(p, ["--outer-steps=3"]))
+      ['outer_steps']
+    """
+    given = set()
+    for action in parser._actions:
+        for option in action.option_strings:
+            if any(arg == option or arg.startswith(option + "=") for arg in argv):
+                given.add(action.dest)
+    return given
+
+
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The parser of the subcommand ``args`` came from (``demo`` or ``bench NAME``)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = commands.choices[args.command]
+    if args.command == "demo":
+        return sub
+    names = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+    return names.choices[args.name]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.explicit = explicit_options(_subparser(parser, args), argv)  # they win over --quick
     module = _module("demo" if args.command == "demo" else BENCHES[args.name])
     check = getattr(module, "check_arguments", None)
     problem = check(args) if check is not None else None

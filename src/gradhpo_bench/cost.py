@@ -239,7 +239,7 @@ def _rows(strategies, methods) -> dict[str, str]:
 def main(args: argparse.Namespace, out: pathlib.Path) -> str:
     """Run the cost bench; write ``cost.md`` and ``cost.png``; return the report."""
     horizons = (4,) if args.quick else HORIZONS
-    repeats = 1 if args.quick else args.repeats
+    repeats = report.quick_value(args, "repeats", 1)
     # --quick (the CI smoke test): fewer methods, two strategies, a short ridge unroll.
     strategies = ((None, False), ("binomial", True)) if args.quick else STRATEGIES
     methods = (*METHODS, *LONG_HORIZON)

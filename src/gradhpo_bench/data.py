@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import gzip
 import pathlib
+import zlib
 from typing import NamedTuple
 
 import numpy as np
 
+#: The classes of an MNIST-format data set.
+_CLASSES = 10
 #: IDX data type codes (the third byte of the magic number) and their numpy types.
 _IDX_TYPES = {
     0x08: np.uint8,
@@ -75,7 +78,8 @@ def read_idx(path: str | pathlib.Path) -> np.ndarray:
       The array, with the shape and data type the file's header gives.
 
     Raises:
-      ValueError: the file is not in IDX format or is truncated.
+      ValueError: the file is not in IDX format, is truncated, or (``.gz``) is not valid
+        gzip; the message names the file.
 
     Example:
       >>> import pathlib, tempfile, numpy as np
@@ -86,7 +90,12 @@ def read_idx(path: str | pathlib.Path) -> np.ndarray:
       array([3, 1, 4], dtype=uint8)
     """
     path = pathlib.Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path} is not a valid gzip file ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
@@ -185,6 +194,10 @@ def load_idx_dataset(name: str, folder: str | pathlib.Path | None) -> dict[str, 
 
     Raises:
       FileNotFoundError: as :func:`idx_paths`.
+      ValueError: a file is unreadable (see :func:`read_idx`), or the files disagree: images
+        that are not a stack of 2-D pictures, a label file that is not 1-D, image and label
+        counts that differ, labels outside [0, 9], non-finite pixel values. The message
+        names the file.
 
     Example:
       >>> import pathlib, tempfile, numpy as np
@@ -197,9 +210,32 @@ def load_idx_dataset(name: str, folder: str | pathlib.Path | None) -> dict[str, 
       >>> float(arrays["train_images"].max()), arrays["test_labels"].tolist()
       (1.0, [3, 3, 3, 3])
     """
+    paths = idx_paths(name, folder)
+    raw = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        images, labels = raw[f"{split}_images"], raw[f"{split}_labels"]
+        image_file, label_file = paths[f"{split}_images"], paths[f"{split}_labels"]
+        if images.ndim != 3:
+            raise ValueError(
+                f"{image_file}: images must be (count, rows, cols), got {images.shape}"
+            )
+        if labels.ndim != 1:
+            raise ValueError(f"{label_file}: labels must be 1-D, got shape {labels.shape}")
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{image_file} holds {len(images)} images but {label_file} holds "
+                f"{len(labels)} labels"
+            )
+        if not np.all(np.isfinite(images)):
+            raise ValueError(f"{image_file} holds non-finite pixel values")
+        bad = (labels < 0) | (labels >= _CLASSES)
+        if bad.any():
+            raise ValueError(
+                f"{label_file}: labels must be in [0, {_CLASSES - 1}], found "
+                f"{sorted({int(v) for v in labels[bad][:5]})} ({int(bad.sum())} labels)"
+            )
     out = {}
-    for key, path in idx_paths(name, folder).items():
-        array = read_idx(path)
+    for key, array in raw.items():
         out[key] = (array / 255.0).astype(np.float32) if "images" in key else array.astype(np.int32)
     return out
 

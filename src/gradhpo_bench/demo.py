@@ -65,8 +65,8 @@ def rows(results: list[MethodResult]) -> list[list]:
 
 def main(args: argparse.Namespace, out: pathlib.Path) -> str:
     """Run the demo, write ``demo.md`` and ``demo.png`` into ``out``, return the report text."""
-    if args.quick:
-        args.n_train, args.n_val, args.outer_steps = 200, 100, 8
+    for name, quick in (("n_train", 200), ("n_val", 100), ("outer_steps", 8)):
+        setattr(args, name, report.quick_value(args, name, quick))
     settings = Settings(T=4 if args.quick else 10)
     x, y = digits()
     data = cleaning_split(

@@ -140,7 +140,7 @@ def make_task(seed: int) -> Task:
 
 def main(args: argparse.Namespace, out: pathlib.Path) -> str:
     """Run the meta-learning bench; write ``metalearning.md`` and ``.png``; return it."""
-    episodes = 5 if args.quick else args.episodes
+    episodes = report.quick_value(args, "episodes", 5)
     task = make_task(args.seed)
     methods = build_all(METHODS, SETTINGS)
     key = jax.random.PRNGKey(args.seed)

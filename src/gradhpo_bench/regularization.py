@@ -108,10 +108,10 @@ _NONE: dict = {}
 def main(args: argparse.Namespace, out: pathlib.Path) -> str:
     """Run the regularization bench; write ``regularization.md`` and ``.png``; return it."""
     quick = args.quick
-    steps = 5 if quick else args.outer_steps
+    steps = report.quick_value(args, "outer_steps", 5)
     settings = Settings(T=4 if quick else 10, outer_lr=0.05)
     starts = STARTS[1::3] if quick else STARTS
-    n_grid = 3 if quick else args.grid
+    n_grid = report.quick_value(args, "grid", 3)
     task = make_task(args.seed)
     key = jax.random.PRNGKey(args.seed)
     methods = [build(k, settings) for k in METHOD_KEYS]

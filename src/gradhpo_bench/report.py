@@ -20,6 +20,23 @@ class OutputDirError(ValueError):
     """The output folder cannot be created or written."""
 
 
+def quick_value(args: Any, name: str, quick: Any) -> Any:
+    """Option ``name`` for this run: ``quick`` under ``--quick``, unless given explicitly.
+
+    Explicit flags win over ``--quick`` (the command line's ``args.explicit`` names them).
+
+    Example:
+      >>> import argparse
+      >>> from gradhpo_bench.report import quick_value
+      >>> args = argparse.Namespace(quick=True, seeds=7, explicit={"seeds"}, steps=200)
+      >>> quick_value(args, "seeds", 2), quick_value(args, "steps", 5)
+      (7, 5)
+    """
+    if getattr(args, "quick", False) and name not in getattr(args, "explicit", ()):
+        return quick
+    return getattr(args, name)
+
+
 def prepare_output_dir(path: str | pathlib.Path) -> pathlib.Path:
     """Create ``path`` (and parents) and check that a file can be written in it.
 

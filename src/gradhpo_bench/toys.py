@@ -115,7 +115,7 @@ def _plot_curves(ax, runs, title):
 
 def main(args: argparse.Namespace, out: pathlib.Path) -> str:
     """Run both toys; write ``toys.md`` and ``toys.png``; return the report."""
-    steps = 40 if args.quick else args.outer_steps
+    steps = report.quick_value(args, "outer_steps", 40)
     key = jax.random.PRNGKey(args.seed)
     bar = report.progress_bar(steps * (len(METHODS) - 1 + len(darts_methods())), "toys")
 
