@@ -248,12 +248,28 @@ def test_corrupt_or_inconsistent_data_files_are_named(tmp_path, capsys, how, mes
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-def test_explicit_flags_win_over_quick(tmp_path):
-    out = tmp_path / "out"
-    argv = ["bench", "toys", "--quick", "--outer-steps=3", "--out", str(out)]
-    assert _run(argv) == 0
-    text = (out / "toys.md").read_text()
-    assert "3 outer steps" in text and "3 hyper-updates" in text  # not --quick's 40
+def test_explicit_flags_win_over_quick(tmp_path, monkeypatch):
+    import types
+
+    from gradhpo_bench import cli, report
+
+    seen = {}
+
+    def fake_main(args, out):  # what a bench reads, without running one
+        seen.update(
+            steps=report.quick_value(args, "outer_steps", 40),
+            seeds=report.quick_value(args, "seeds", 2),
+        )
+        return "ok"
+
+    real = cli._module
+    fake = types.SimpleNamespace(add_arguments=real("cleaning_bench").add_arguments, main=fake_main)
+    monkeypatch.setattr(cli, "_module", lambda name: fake)
+    argv = ["bench", "cleaning", "--quick", "--outer-steps=3", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert seen == {"steps": 3, "seeds": 2}  # the explicit flag wins, the rest is --quick's
+    assert main(["bench", "cleaning", "--out", str(tmp_path / "o")]) == 0
+    assert seen == {"steps": 200, "seeds": 5}  # without --quick: the defaults
 
 
 # -- bad input ---------------------------------------------------------------------------
