@@ -239,3 +239,17 @@ def test_run_equals_a_hand_written_loop_of_steps(x64, name, source):
             np.testing.assert_array_equal(x, y)
     else:
         assert_close(out.state, state, rtol=1e-12, atol=1e-14)
+
+
+@names
+def test_signature_and_repr_show_the_settings(name):
+    import inspect
+
+    opt = OPTIMIZERS[name]()
+    cls = type(opt)
+    parameters = inspect.signature(cls).parameters
+    assert "inner_optimizer" in parameters and "args" not in parameters
+    text = repr(opt)
+    assert text.startswith(f"{cls.__name__}(inner_optimizer=<optax transformation>")
+    if isinstance(opt, WindowOptimizer):
+        assert f"unroll_steps={T}" in text

@@ -204,7 +204,7 @@ def ridge_implicit(steps: int) -> dict[str, float]:
         A = D[0].T @ D[0] / half + jnp.diag(lam)
         w_star = jnp.linalg.solve(A, D[0].T @ D[1] / half)
         alpha = V[0].T @ (V[0] @ w_star - V[1]) / V[0].shape[0]
-        closed = -jnp.linalg.solve(A, alpha) * w_star  # identity 11
+        closed = -jnp.linalg.solve(A, alpha) * w_star  # the implicit-function closed form
         eigs = jnp.linalg.eigvalsh(A)
         lr = float(1.0 / eigs[-1])
         out = {"lr": lr, "kappa": float(eigs[-1] / eigs[0])}

@@ -20,6 +20,7 @@ hypergradient ``compute_hypergradient`` returns is the one ``step`` applies.
 from __future__ import annotations
 
 import abc
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable
@@ -104,12 +105,42 @@ class Refit(NamedTuple):
 
 
 class _ImmutableAfterInit(abc.ABCMeta):
-    """Metaclass that freezes an instance once its ``__init__`` chain has finished."""
+    """Metaclass that freezes an instance once its ``__init__`` chain has finished.
+
+    It also gives each class the signature of its ``__init__`` (``inspect.signature``,
+    ``help`` and IDEs would otherwise see this metaclass's ``(*args, **kwargs)``).
+    """
+
+    def __init__(cls, name, bases, namespace, **kwargs):
+        super().__init__(name, bases, namespace, **kwargs)
+        init = inspect.signature(cls.__init__)
+        parameters = list(init.parameters.values())[1:]  # without self
+        cls.__signature__ = init.replace(
+            parameters=parameters, return_annotation=inspect.Signature.empty
+        )
 
     def __call__(cls, *args, **kwargs):
         obj = super().__call__(*args, **kwargs)
         object.__setattr__(obj, "_frozen", True)
         return obj
+
+
+def _setting(value: Any) -> str:
+    """A short text for a setting in an optimizer's repr."""
+    if isinstance(value, optax.GradientTransformation):
+        return "<optax transformation>"
+    if callable(value):
+        return getattr(value, "__qualname__", repr(value))
+    return repr(value)
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if default is inspect.Parameter.empty:
+        return False
+    try:
+        return bool(value == default) and type(value) is type(default)
+    except Exception:  # arrays and other values without a plain truth value
+        return False
 
 
 def _float_tree(name: str, tree: PyTree) -> PyTree:
@@ -204,6 +235,23 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable after construction")
+
+    def __repr__(self) -> str:
+        """The class and every setting that differs from its default.
+
+        Example:
+          >>> import optax, gradhpo
+          >>> gradhpo.OnlineHypergradientOptimizer(optax.sgd(0.1), gamma=0.9, T=5)
+          OnlineHypergradientOptimizer(inner_optimizer=<optax transformation>, gamma=0.9, T=5)
+        """
+        parts = []
+        for name, parameter in type(self).__signature__.parameters.items():
+            if not hasattr(self, name) or name.startswith("_"):
+                continue  # folded into another setting (checkpoint_every into checkpoint)
+            value = getattr(self, name)
+            if not _is_default(value, parameter.default):
+                parts.append(f"{name}={_setting(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # -- initialisation -------------------------------------------------------------------
 
