@@ -531,3 +531,36 @@ def test_population_windows_have_no_cond_and_one_hypergradient_per_window(every)
     names = _primitives(jaxpr.jaxpr)
     assert "cond" not in names and "select_n" in names  # the guards are selects, not conds
     assert config.windows == 6 // every
+
+
+class _Loader:
+    """A re-iterable data loader (like a PyTorch DataLoader): not an iterator, not a batch."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def test_lists_and_loaders_are_sequences_of_batches_read_in_passes():
+    train, val = logreg_data()
+    opt = OneStepOptimizer(optax.sgd(0.1))
+    state = opt.init(logreg_init(), jnp.zeros(5))
+    halves = [jax.tree.map(lambda a, s=s: a[s], train) for s in (slice(0, 20), slice(20, 40))]
+    kwargs = dict(episode_length=5, lr_hyper=0.1, progress=False)
+    by_iterator = run(opt, state, iter(halves * 3), val, l2_train_loss, l2_val_loss, **kwargs)
+    by_list = run(opt, state, halves, val, l2_train_loss, l2_val_loss, **kwargs)
+    loader = _Loader(halves)
+    by_loader = run(opt, state, loader, val, l2_train_loss, l2_val_loss, **kwargs)
+    assert loader.passes == 3  # 5 batches from passes of 2
+    for other in (by_list, by_loader):
+        for a, b in zip(
+            jax.tree.leaves(other.state), jax.tree.leaves(by_iterator.state), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="train_data holds no batches"):
+        run(opt, state, [], val, l2_train_loss, l2_val_loss, **kwargs)
+    with pytest.raises(ValueError, match="ran out of batches"):
+        run(opt, state, iter(halves), val, l2_train_loss, l2_val_loss, **kwargs)

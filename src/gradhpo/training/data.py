@@ -9,18 +9,23 @@ kinds of source are accepted, with a trade-off:
   path, and the only one populations (``vmap``) can use;
 * a Python callable ``() -> batch``: the simple usage; each step is one jitted call fed from
   Python (about a dispatch's overhead per step, and no ``vmap`` over populations);
-* any iterator of batches (a ``tf.data`` / PyTorch loader converted to arrays, a generator):
-  as flexible as a callable, with the same per-step cost.
+* any iterator of batches (a generator): as flexible as a callable, with the same
+  per-step cost; running out before the run ends is an error;
+* a list of batches, or any iterable that is not an iterator (a PyTorch ``DataLoader``, a
+  ``tf.data.Dataset`` whose batches convert to arrays): read in passes, a new pass starting
+  when one ends. A single batch is therefore a tuple, a dict or an array, never a list
+  (as for :class:`~gradhpo.Stacked`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradhpo.core._checks import positive_int
 from gradhpo.core.types import Batch, PyTree
@@ -162,10 +167,19 @@ def fixed_batch(batch: PyTree) -> Sampler:
 
 
 class HostSource:
-    """A Python batch source (a callable ``() -> batch`` or an iterator), read on the host."""
+    """A Python batch source, read on the host.
 
-    def __init__(self, source: Callable[[], Batch] | Iterator[Batch], name: str):
-        self.source, self.name = source, name
+    A callable ``() -> batch``; an iterator (read once: running out is an error); or an
+    iterable that is not an iterator (a list of batches, a PyTorch ``DataLoader``, a
+    ``tf.data.Dataset``), read in passes, a new pass starting when one ends.
+    """
+
+    def __init__(self, source: Callable[[], Batch] | Iterator[Batch] | Iterable, name: str):
+        self.name = name
+        self.passes = None
+        if not callable(source) and not isinstance(source, Iterator):
+            self.passes, source = source, iter(source)  # re-iterable: one pass at a time
+        self.source = source
 
     def draw(self, num_steps: int) -> Batch:
         """``num_steps`` batches from the source, stacked along a leading axis."""
@@ -177,15 +191,29 @@ class HostSource:
         try:
             return next(self.source)
         except StopIteration:
-            raise ValueError(f"{self.name} ran out of batches before the run ended") from None
+            if self.passes is None:
+                raise ValueError(f"{self.name} ran out of batches before the run ended") from None
+        self.source = iter(self.passes)  # the next pass
+        try:
+            return next(self.source)
+        except StopIteration:
+            raise ValueError(f"{self.name} holds no batches") from None
+
+
+def _is_batch(data: Any) -> bool:
+    """Whether ``data`` is a pytree of arrays and numbers (a batch), not a loader object."""
+    leaves = jax.tree.leaves(data)
+    return all(isinstance(x, jax.Array | np.ndarray | np.generic | int | float) for x in leaves)
 
 
 def as_source(data: Any, name: str) -> Sampler | HostSource:
     """Classify a user's data argument: a :class:`Sampler`, a fixed batch, or a host source."""
     if isinstance(data, Sampler):
         return data
-    if callable(data) or isinstance(data, Iterator):
-        return HostSource(data, name)
+    if callable(data) or isinstance(data, Iterator | list):
+        return HostSource(data, name)  # a list is a sequence of batches, as for Stacked
+    if isinstance(data, Iterable) and not _is_batch(data):
+        return HostSource(data, name)  # a data loader: iterated
     if data is not None and not jax.tree.leaves(data):
         raise ValueError(f"{name} must be a Sampler, a batch of arrays, a callable or an iterator")
     return fixed_batch(data)

@@ -419,8 +419,9 @@ def run(
     batches, after the episode's restart.
 
     Data: a :class:`~gradhpo.training.data.Sampler` or a fixed batch runs every episode as
-    one compiled ``lax.scan`` over its windows; a callable ``() -> batch`` or an iterator
-    runs one jitted call per window (see :mod:`gradhpo.training.data`). Programs compile
+    one compiled ``lax.scan`` over its windows; a callable ``() -> batch``, an iterator, a
+    list of batches or a data loader (any iterable, read in passes) runs one jitted call per
+    window (see :mod:`gradhpo.training.data`). Programs compile
     once: the step counter, the learning rates and the schedule values are traced.
 
     Args:
