@@ -76,3 +76,38 @@ def test_weak_typed_initial_values_do_not_recompile_the_second_step():
             state = opt.step(state, train, val, l2_train_loss, l2_val_loss, 0.1)
         jax.block_until_ready(state)
     assert counter.count == 1
+
+
+def test_fresh_loss_lambdas_warn_once_and_the_same_functions_never():
+    import warnings
+
+    from gradhpo.training import run
+
+    train, val = logreg_data()
+    opt = OneStepOptimizer(optax.sgd(0.1))
+    state = opt.init(logreg_init(), jnp.zeros(5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            state = opt.step(state, train, val, l2_train_loss, l2_val_loss, 0.1)
+        run(
+            opt,
+            state,
+            train,
+            val,
+            l2_train_loss,
+            l2_val_loss,
+            episode_length=2,
+            lr_hyper=0.1,
+            progress=False,
+        )
+    assert not [w for w in caught if "new function object" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            state = opt.step(
+                state, train, val, lambda w, l, b: l2_train_loss(w, l, b), l2_val_loss, 0.1
+            )
+    messages = [str(w.message) for w in caught if "new function object" in str(w.message)]
+    assert len(messages) == 1 and "train_loss_fn" in messages[0]
+    assert "test_compile.py" in messages[0] and caught[0].filename == __file__

@@ -51,6 +51,8 @@ EPISODE_KEY = "episode_step"
 
 # Warnings already given, per optimizer (the optimizers themselves are never mutated).
 _WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The loss functions' code objects seen per optimizer, with the last function of each.
+_LOSS_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Estimate(NamedTuple):
@@ -197,7 +199,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
 
     Loss functions have the signature ``loss(params, hyperparams, batch) -> scalar``. They are
     static arguments of the jitted ``step``, hashed by identity: define them once, outside
-    the training loop, or every call compiles anew.
+    the training loop, or every call compiles anew (a warning, once, says so).
 
     Optimizers are immutable after construction: assigning an attribute raises, because a
     compiled ``step`` would silently keep the old value.
@@ -523,6 +525,42 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         )
         return optax.apply_updates(state.hyperparams, updates), outer_state
 
+    def note_loss_functions(self, train_loss_fn: LossFn, val_loss_fn: LossFn) -> None:
+        """Warn, once per argument, when a loss function is a new object with old code.
+
+        The loss functions are static arguments of the compiled programs, hashed by
+        identity: a lambda or closure made anew for every call (inside a training loop)
+        compiles the program again every time. Called by ``step`` and the training loops.
+
+        Example:
+          >>> import warnings, jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.FOOptimizer(optax.sgd(0.1))
+          >>> with warnings.catch_warnings(record=True) as caught:
+          ...     warnings.simplefilter("always")
+          ...     for _ in range(2):
+          ...         opt.note_loss_functions(lambda w, l, b: 0.0, len)
+          >>> "new function object" in str(caught[0].message)
+          True
+        """
+        seen = _LOSS_CODES.setdefault(self, {})
+        for name, fn in (("train_loss_fn", train_loss_fn), ("val_loss_fn", val_loss_fn)):
+            code = getattr(fn, "__code__", None)
+            if code is None:
+                continue
+            # A weak reference, not an id: a freed lambda's id is often reused by the next.
+            last = seen.get((name, code))
+            seen[name, code] = weakref.ref(fn)
+            if last is not None and last() is not fn:
+                self._warn_once(
+                    f"new {name}",
+                    f"{name} is a new function object with the code of one given before "
+                    f"({getattr(fn, '__qualname__', 'a function')}, defined at "
+                    f"{code.co_filename}:{code.co_firstlineno}): loss functions are static "
+                    "arguments hashed by identity, so every new object compiles the program "
+                    "again. Define the loss functions once, outside the loop, and pass the "
+                    "same objects",
+                )
+
     def _warn_once(self, key: str, message: str) -> None:
         """Emit ``message`` as a warning the first time ``key`` is seen for this optimizer."""
         seen = _WARNED.setdefault(self, set())
@@ -583,6 +621,7 @@ class OnlineOptimizer(BilevelOptimizer):
           (3, True)
         """
         lr_hyper_rule(self.outer_optimizer is not None, lr_hyper)
+        self.note_loss_functions(train_loss_fn, val_loss_fn)
         return self._jit_step(state, train_batch, val_batch, train_loss_fn, val_loss_fn, lr_hyper)
 
     @partial(jax.jit, static_argnums=(0, 4, 5))
@@ -759,6 +798,7 @@ class WindowOptimizer(BilevelOptimizer):
                 f"{type(self).__name__}.step takes no lr_hyper: its outer_optimizer sets the "
                 "hyper step size (an optax learning rate or schedule); drop the argument"
             )
+        self.note_loss_functions(train_loss_fn, val_loss_fn)
         return self._jit_step(state, train_batch, val_batch, train_loss_fn, val_loss_fn)
 
     @partial(jax.jit, static_argnums=(0, 4, 5))

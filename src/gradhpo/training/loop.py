@@ -154,6 +154,7 @@ class _Loop:
     def __init__(self, opt, train_data, val_data, tl, vl, options: RunOptions, vmapped: bool):
         self.config = config = options.config(opt)
         self.opt, self.tl, self.vl = opt, tl, vl
+        opt.note_loss_functions(tl, vl)  # a new lambda per run compiles the run again
         self.train = as_source(train_data, "train_data")
         self.val = as_source(val_data, "val_data")
         self.lr_hyper = options.traced_lr()
