@@ -182,6 +182,11 @@ def _cast_like(old: PyTree, new: PyTree) -> PyTree:
     return jax.tree.map(lambda o, v: jnp.asarray(v, jnp.result_type(o)), old, new)
 
 
+def _cast_metadata(metadata: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The new values of an algorithm's metadata keys, in the dtypes the state holds."""
+    return {key: _cast_like(metadata[key], value) for key, value in new.items()}
+
+
 def _val_of_last_step(val_batch: Batch | Stacked) -> Batch:
     return val_batch.last() if isinstance(val_batch, Stacked) else val_batch
 
@@ -394,10 +399,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         check_matches("the new params", base.params, estimate.params)
         new_hyper, new_outer = self._outer_update(base, estimate.hypergrad, lr_hyper)
         hypergrad_norm = tree_norm(estimate.hypergrad)
-        algorithm = {
-            key: _cast_like(base.metadata[key], value)
-            for key, value in (estimate.metadata or {}).items()
-        }
+        algorithm = _cast_metadata(base.metadata, estimate.metadata or {})
         inner_ok = all_finite((estimate.params, estimate.inner_opt_state))
         # All or nothing: λ, the outer state, the weights, the inner state and the
         # algorithm's metadata are committed together. The squared norm of the hypergradient
@@ -684,10 +686,7 @@ class OnlineOptimizer(BilevelOptimizer):
         new = self.inner(
             state.params, state.inner_opt_state, state.hyperparams, train_batch, train_loss_fn
         )
-        tracked = {
-            key: _cast_like(state.metadata[key], value)
-            for key, value in self._track(state, train_batch).items()
-        }
+        tracked = _cast_metadata(state.metadata, self._track(state, train_batch))
         ok = all_finite((new.params, new.inner_opt_state, tracked))  # all or nothing
         metadata = dict(state.metadata)
         for key, value in tracked.items():
