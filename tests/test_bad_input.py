@@ -198,7 +198,7 @@ def test_numpy_integers_are_accepted_as_counts():
     assert out.history["val_loss"].shape == (2, 3)
 
 
-def test_run_refuses_a_population_and_a_run_result():
+def test_run_refuses_a_population_and_continues_a_run_result():
     opt, state = one_step()
     train, val = logreg_data()
     states = jax.tree.map(lambda x: jnp.stack([x, x]), state)
@@ -206,8 +206,9 @@ def test_run_refuses_a_population_and_a_run_result():
     with pytest.raises(ValueError, match="run_population"):
         run(opt, states, train, val, l2_train_loss, val_loss, **kwargs)
     result = run(opt, state, train, val, l2_train_loss, val_loss, **kwargs)
-    with pytest.raises(TypeError, match=r"result\.state"):
-        run(opt, result, train, val, l2_train_loss, val_loss, **kwargs)
+    assert run(opt, result, train, val, l2_train_loss, val_loss, **kwargs).episode == 2
+    with pytest.raises(TypeError, match=r"result\.state"):  # a result is no state for step
+        opt.step(result, train, val, l2_train_loss, val_loss, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -335,3 +336,14 @@ def test_t1t2_default_eps_does_not_vanish_with_large_weights():
 
 def l2_val(w, lam, batch):
     return logistic_loss({"w": w["w"] * 1e-4, "b": w["b"]}, batch)
+
+
+def test_a_model_object_as_params_names_the_leaf_and_the_fix():
+    import equinox as eqx
+
+    model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.PRNGKey(0))
+    opt, _ = one_step()
+    with pytest.raises(TypeError, match=r"params\.activation is a .*eqx\.partition.*nnx\.split"):
+        opt.init(model, jnp.zeros(()))
+    params, _ = eqx.partition(model, eqx.is_inexact_array)
+    opt.init(params, jnp.zeros(()))  # the split model is fine

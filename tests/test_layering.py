@@ -1,6 +1,7 @@
 """The layers of the design, checked on the source (an ``ast`` scan, nothing imported).
 
-utils < core < (algorithms, reference) < diagnostics < training < the ``gradhpo`` root <
+utils < core < (algorithms, reference) < diagnostics < training < (checkpoint, the ``gradhpo``
+root) <
 gradhpo_bench:
 imports point down only, no import circle, no function-local ``gradhpo`` import inside
 ``gradhpo``, and ``gradhpo`` never imports ``gradhpo_bench``.
@@ -19,6 +20,7 @@ LAYERS = (
     ("gradhpo.reference", 2),
     ("gradhpo.diagnostics", 3),
     ("gradhpo.training", 4),
+    ("gradhpo.checkpoint", 5),
     ("gradhpo", 5),
     ("gradhpo_bench", 6),
 )

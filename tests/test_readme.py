@@ -14,6 +14,7 @@ def test_readme_python_blocks_run(capsys):
         exec(compile(block, str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "validation loss:" in out and "cosine with exact:" in out
+    assert "[3, 4, 5] 5" in out  # the checkpoint example
     state = namespace["state"]
     assert int(state.step) == 500
     # The tuned strengths improved the validation loss over the untuned start.

@@ -283,21 +283,25 @@ def test_bad_run_arguments():
         )
 
 
-def test_iterator_that_runs_out_is_a_clear_error():
+def test_iterator_that_runs_out_returns_the_complete_episodes(caplog):
+    from gradhpo.training.data import DataExhaustedError
+
     train, val = logreg_data()
     opt = make_opt()
-    with pytest.raises(ValueError, match="train_data ran out of batches"):
-        run(
-            opt,
-            opt.init(logreg_init(), jnp.zeros(5)),
-            iter([train] * 3),
-            val,
-            l2_train_loss,
-            l2_val_loss,
-            episode_length=5,
-            lr_hyper=0.1,
-            progress=False,
-        )
+    state = opt.init(logreg_init(), jnp.zeros(5))
+    kwargs = dict(episode_length=2, lr_hyper=0.1, progress=False)
+    args = (val, l2_train_loss, l2_val_loss)
+    with caplog.at_level("WARNING", logger="gradhpo"):
+        out = run(opt, state, iter([train] * 5), *args, num_episodes=3, **kwargs)
+    assert "train_data ran out of batches" in caplog.text
+    assert out.stopped == "data_exhausted" and out.episode == 2
+    full = run(opt, state, iter([train] * 4), *args, num_episodes=2, **kwargs)
+    assert full.stopped is None and full.episode == 2
+    assert_trees_equal(out.state, full.state)  # the episode in progress is dropped
+    assert out.history["val_loss"].shape == (2, 2)
+    with pytest.raises(DataExhaustedError, match="train_data ran out of batches") as info:
+        run(opt, state, iter([train] * 3), *args, num_episodes=3, strict=True, **kwargs)
+    assert info.value.result.episode == 1
 
 
 def test_progress_bar_is_off_under_ci(monkeypatch):
@@ -562,5 +566,46 @@ def test_lists_and_loaders_are_sequences_of_batches_read_in_passes():
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="train_data holds no batches"):
         run(opt, state, [], val, l2_train_loss, l2_val_loss, **kwargs)
-    with pytest.raises(ValueError, match="ran out of batches"):
-        run(opt, state, iter(halves), val, l2_train_loss, l2_val_loss, **kwargs)
+    short = run(opt, state, iter(halves), val, l2_train_loss, l2_val_loss, **kwargs)
+    assert short.stopped == "data_exhausted" and short.episode == 0
+
+
+def test_progress_bar_counts_inner_steps_with_a_compiling_phase(capsys, monkeypatch):
+    """The bar advances from inside the compiled episode; the results are unchanged."""
+    from gradhpo.training.progress import StepBar
+
+    counts = []
+    advance = StepBar.advance
+    monkeypatch.setattr(StepBar, "advance", lambda bar, n: (advance(bar, n), counts.append(n)))
+    train, val = logreg_data()
+    opt = make_opt()
+    state = opt.init(logreg_init(), jnp.zeros(5))
+    kwargs = dict(num_episodes=2, episode_length=120, lr_hyper=0.1)
+    args = (opt, state, minibatches(train, 8), val, l2_train_loss, l2_val_loss)
+    quiet = run(*args, progress=False, **kwargs)
+    capsys.readouterr()
+    counts.clear()
+    shown = run(*args, progress=True, **kwargs)
+    err = capsys.readouterr().err
+    assert "OneStepOptimizer (compiling)" in err and "240/240" in err and "compile=" in err
+    assert counts[:3] == [2, 2, 2]  # every 120 // 50 = 2 windows, within the episode
+    assert sum(counts) == 240
+    assert_trees_equal(shown.state, quiet.state)
+    with count_compilations() as compiled:
+        run(*args, progress=True, **kwargs)
+    assert compiled.count == 0
+    host = run(opt, state, [train] * 4, val, l2_train_loss, l2_val_loss, progress=True, **kwargs)
+    assert "240/240" in capsys.readouterr().err
+    assert int(host.state.step) == 240
+
+
+def test_episode_metrics_on_the_logger_at_info(caplog):
+    train, val = logreg_data()
+    opt = make_opt()
+    state = opt.init(logreg_init(), jnp.zeros(5))
+    with caplog.at_level("INFO", logger="gradhpo"):
+        run(opt, state, train, val, l2_train_loss, l2_val_loss, num_episodes=2,
+            episode_length=3, lr_hyper=0.1, progress=False)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(lines) == 2 and lines[1].startswith("OneStepOptimizer episode 2/2: train_loss ")
+    assert "val_loss" in lines[1] and "0 skipped" in lines[1]

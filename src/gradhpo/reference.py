@@ -118,7 +118,8 @@ def reverse_hypergradient(
     Args:
       params: the initial weights ``w_0`` (held constant).
       hyperparams: λ.
-      *args, **options: the rest of :func:`unrolled_val_loss`'s arguments, in its order:
+      args, options: (positional and keyword) the rest of :func:`unrolled_val_loss`'s
+        arguments, in its order:
         ``train_batches, val_batch, train_loss_fn, val_loss_fn`` and the keywords
         ``inner_optimizer`` or ``update_fn``, ``inner_opt_state``, and the memory strategy
         ``checkpoint`` (``None``: store every step; ``"step"``; ``"sqrt"``: ⌈√T⌉-step
@@ -198,7 +199,7 @@ def forward_hypergradient(
     trajectory. Equals :func:`reverse_hypergradient` to round-off; use it for small λ.
 
     Args:
-      params, hyperparams, *args, **options: as for :func:`reverse_hypergradient`
+      params, hyperparams, args, options: as for :func:`reverse_hypergradient`
         (``checkpoint_every`` has no use here: forward mode stores no trajectory).
 
     Returns:

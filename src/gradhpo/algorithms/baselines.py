@@ -39,6 +39,8 @@ class FOOptimizer(MemorylessOnlineOptimizer):
       Luketina et al., ICML 2016; Lee et al., ICLR 2022 (the "FO" baseline).
     """
 
+    differentiates_inner_step = False  # g_FO reads L_val only
+
     def _estimate_step(self, state, train_batch, val_batch, train_loss_fn, val_loss_fn):
         w, s, lam = state.params, state.inner_opt_state, state.hyperparams
         new = self.inner(w, s, lam, train_batch, train_loss_fn)

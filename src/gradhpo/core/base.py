@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradhpo.core._checks import lr_hyper_rule, positive_int
@@ -36,6 +37,7 @@ from gradhpo.core.batches import Stacked, as_window
 from gradhpo.core.inner import InnerStep, check_matches
 from gradhpo.core.state import BilevelState, check_single
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
+from gradhpo.utils.dependence import leaves_used
 from gradhpo.utils.tree import all_finite, tree_norm, tree_select
 
 #: Metadata keys written by every optimizer's ``step``.
@@ -145,11 +147,24 @@ def _is_default(value: Any, default: Any) -> bool:
         return False
 
 
+_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, int, float)
+
+
 def _float_tree(name: str, tree: PyTree) -> PyTree:
     """Convert leaves to arrays and require floating dtypes (they are differentiated)."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
         raise ValueError(f"{name} must be a pytree with at least one array leaf, got {tree!r}")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not isinstance(leaf, _ARRAY_LIKE) and not hasattr(leaf, "__jax_array__"):
+            raise TypeError(
+                f"{name}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array: "
+                f"{name} must be a pytree of float arrays. For a model object holding "
+                "functions or other state, split out its arrays first: with equinox, "
+                "params, static = eqx.partition(model, eqx.is_inexact_array) (and "
+                "eqx.combine(params, static) inside the losses); with flax nnx, "
+                "graphdef, params = nnx.split(model) (and nnx.merge(graphdef, params))"
+            )
     # Strong dtypes: a weak-typed leaf would change type after the first update and recompile.
     tree = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -563,6 +578,63 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
                     "same objects",
                 )
 
+    #: Whether the hypergradient differentiates through the inner optimizer's update.
+    differentiates_inner_step: bool = True
+
+    def _trace_time_checks(
+        self, state: BilevelState, train_batch, val_batch, train_loss_fn, val_loss_fn
+    ) -> None:
+        """Warnings decided on the traced program, each at most once.
+
+        * An inner optimizer whose update has an infinite derivative at a zero gradient
+          (``optax.adam`` without ``eps_root``), for the estimators that differentiate it
+          (:meth:`~gradhpo.core.inner.InnerStep.singular_at_zero_gradient`).
+        * Per pair of losses, the λ leaves on which neither one inner step Φ (weights and
+          inner optimizer state) nor ``L_val`` after it depends: their hypergradient is
+          zero under every estimator and they never move — e.g. a learning rate given to
+          ``optax.inject_hyperparams`` outside a factory, or a λ entry the losses forgot.
+        """
+        key = f"unused-{id(train_loss_fn)}-{id(val_loss_fn)}"
+        if key in _WARNED.get(self, ()):
+            return
+
+        def outputs(lam):  # its own trace: nothing is added to the caller's program
+            last = lambda b: b.last() if isinstance(b, Stacked) else b  # noqa: E731
+            new = self.inner(
+                state.params, state.inner_opt_state, lam, last(train_batch), train_loss_fn
+            )
+            return new.params, new.inner_opt_state, val_loss_fn(new.params, lam, last(val_batch))
+
+        if (
+            self.differentiates_inner_step
+            and "singular-inner" not in _WARNED.get(self, ())
+            and self.inner.singular_at_zero_gradient(state.params, state.hyperparams)
+        ):
+            self._warn_once(
+                "singular-inner",
+                f"{type(self).__name__} differentiates through the inner optimizer's update, "
+                "whose derivative is infinite where a gradient entry is exactly zero (optax.adam "
+                "and its relatives divide by sqrt(ν), and sqrt'(0) = ∞): the hypergradient is "
+                "NaN there (dead ReLUs, unused weights), and the guard then skips every "
+                "hyper-update. Pass eps_root, e.g. optax.adam(lr, eps_root=1e-12)",
+            )
+        used = leaves_used(outputs, 0, state.hyperparams)
+        paths = jax.tree_util.tree_leaves_with_path(state.hyperparams)
+        unused = [
+            "hyperparams" + jax.tree_util.keystr(path)
+            for (path, _), is_used in zip(paths, used, strict=True)
+            if not is_used
+        ]
+        if unused:
+            self._warn_once(
+                key,
+                f"{type(self).__name__}: neither the inner step nor val_loss_fn depends on "
+                f"{', '.join(unused)}, so the hypergradient there is zero and it will not "
+                "change. Check that the loss functions (or the inner_optimizer factory) read "
+                "it; an optax hyperparameter to be tuned must be built from λ in a factory, "
+                "e.g. inner_optimizer=lambda lam: optax.sgd(jnp.exp(lam['log_lr']))",
+            )
+
     def _warn_once(self, key: str, message: str) -> None:
         """Emit ``message`` as a warning the first time ``key`` is seen for this optimizer."""
         seen = _WARNED.setdefault(self, set())
@@ -645,6 +717,7 @@ class OnlineOptimizer(BilevelOptimizer):
         window = as_window(window, 1)
         val_batch = _val_of_last_step(val_batch)
         k, last = window.num_steps, window.last()
+        self._trace_time_checks(state, last, val_batch, train_loss_fn, val_loss_fn)
         if k == 1:
             return self._estimate_step(state, last, val_batch, train_loss_fn, val_loss_fn)
         inner = lambda s, b: (self._inner_step(s, b, train_loss_fn), None)  # noqa: E731
@@ -816,6 +889,7 @@ class WindowOptimizer(BilevelOptimizer):
         """
         window = self._checked(window, "train_batch")
         val_window = self._checked(val_batch, "val_batch")
+        self._trace_time_checks(state, window, val_window, train_loss_fn, val_loss_fn)
         return self._estimate_window(state, window, val_window, train_loss_fn, val_loss_fn)
 
     def _checked(self, batch: Batch | Stacked, name: str) -> Stacked:

@@ -162,7 +162,7 @@ def _binomial_scan(body, carry, window: Stacked):
     except ImportError as err:  # pragma: no cover - the extra is part of the test install
         raise ImportError(
             'checkpoint="binomial" uses equinox\'s checkpointed scan: '
-            'pip install "gradhpo[equinox]"'
+            'pip install "gradhpo-jax[equinox]"'
         ) from err
     T = window.num_steps
     return eqxi.scan(

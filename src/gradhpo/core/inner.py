@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradhpo.core.batches import Stacked
@@ -23,7 +24,7 @@ from gradhpo.core.checkpoint import (
     remat_scan,
 )
 from gradhpo.core.types import Batch, InnerOptimizer, LossFn, PyTree, UpdateFn
-from gradhpo.utils.tree import is_inexact
+from gradhpo.utils.tree import all_finite, is_inexact
 
 
 def check_scalar(name: str, value: Any) -> None:
@@ -89,6 +90,46 @@ def check_matches(name: str, expected: PyTree, got: PyTree) -> None:
             )
 
 
+_INJECTED = tuple(
+    getattr(optax, name)
+    for name in ("InjectHyperparamsState", "InjectStatefulHyperparamsState")
+    if hasattr(optax, name)
+)
+
+
+def _is_injected(node: Any) -> bool:
+    return isinstance(node, _INJECTED)
+
+
+def injected(state: PyTree, tx: optax.GradientTransformation, params: PyTree) -> PyTree:
+    """``state`` with the hyperparameters of every ``optax.inject_hyperparams`` node renewed.
+
+    ``optax.inject_hyperparams`` reads its numeric hyperparameters from its state, set once
+    by ``init``; a factory ``λ -> optimizer`` rebuilt at every step would otherwise change
+    nothing (and give a zero hypergradient). The values are taken from ``tx.init`` of the
+    optimizer just built from λ, so they are the factory's, differentiably; schedules
+    inside are still evaluated by optax from the step count.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from gradhpo.core.inner import injected
+      >>> tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> new = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+      >>> float(injected(state, new, jnp.zeros(2)).hyperparams["learning_rate"])
+      0.5
+    """
+    if not any(_is_injected(n) for n in jax.tree.leaves(state, is_leaf=_is_injected)):
+        return state
+    fresh = tx.init(params)
+    return jax.tree.map(
+        lambda old, new: old._replace(hyperparams=new.hyperparams) if _is_injected(old) else old,
+        state,
+        fresh,
+        is_leaf=_is_injected,
+    )
+
+
 class InnerResult(NamedTuple):
     """What one inner step returns."""
 
@@ -151,6 +192,7 @@ class InnerStep:
             self.kind = "update_fn"
         self.inner_optimizer = inner_optimizer
         self.update_fn = update_fn
+        self._probed: dict = {}  # singular_at_zero_gradient's verdicts, by problem shape
 
     def transformation(self, hyperparams: PyTree) -> optax.GradientTransformation:
         """The optax transformation in use for ``hyperparams`` (not for ``update_fn``)."""
@@ -169,6 +211,55 @@ class InnerStep:
         if self.kind == "update_fn":
             return None
         return self.transformation(hyperparams).init(params)
+
+    def singular_at_zero_gradient(self, params: PyTree, hyperparams: PyTree) -> bool:
+        """Whether the optimizer's update has an infinite derivative at a zero gradient.
+
+        ``optax.adam`` (and every optimizer dividing by ``sqrt(ν)``) with ``eps_root=0``
+        does: ``sqrt'(0)`` is infinite, so a hypergradient that differentiates through
+        the update is NaN wherever a gradient entry is exactly zero (dead ReLUs, unused
+        weights, the first step from zero). Probed concretely (at trace time too) on zeros
+        shaped like ``params`` (at most 2 per axis) with λ = 0: one forward-mode
+        derivative of ``update``, compiled once per problem shape as the small program
+        ``_singularity_probe``.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from gradhpo.core.inner import InnerStep
+          >>> InnerStep(optax.adam(0.1)).singular_at_zero_gradient(jnp.ones(3), None)
+          True
+          >>> InnerStep(optax.adam(0.1, eps_root=1e-12)).singular_at_zero_gradient(
+          ...     jnp.ones(3), None)
+          False
+        """
+        if self.kind == "update_fn":
+            return False
+
+        def zeros(tree, shrink):
+            def leaf(x):
+                shape = tuple(min(d, 2) for d in jnp.shape(x)) if shrink else jnp.shape(x)
+                return np.zeros(shape, jnp.result_type(x))
+
+            return jax.tree.map(leaf, tree)
+
+        w, lam = zeros(params, True), zeros(hyperparams, False)
+        key = tuple((x.shape, x.dtype) for x in jax.tree.leaves((w, lam)))
+        key = (jax.tree.structure((w, lam)), key)
+        if key not in self._probed:  # once per problem shape: one small program
+
+            def _singularity_probe(w, lam):
+                tx = self.transformation(lam)
+                state = tx.init(w)
+                ones = jax.tree.map(jnp.ones_like, w)
+                _, tangent = jax.jvp(lambda g: tx.update(g, state, w)[0], (w,), (ones,))
+                return jnp.logical_not(all_finite(tangent))
+
+            try:  # compiled and run directly: nothing joins a program being traced
+                compiled = jax.jit(_singularity_probe).lower(w, lam).compile()
+                self._probed[key] = bool(compiled(w, lam))
+            except Exception:  # an optimizer that needs more (extra arguments): no verdict
+                self._probed[key] = False
+        return self._probed[key]
 
     def __call__(
         self, params, inner_opt_state, hyperparams, batch, train_loss_fn, *, mixed_mode=False
@@ -192,7 +283,10 @@ class InnerStep:
             loss, grads = mixed_value_and_grad(loss_fn, params, hyperparams, batch)
         else:
             loss, grads = jax.value_and_grad(loss_fn)(params, hyperparams, batch)
-        updates, new_state = self.transformation(hyperparams).update(grads, inner_opt_state, params)
+        tx = self.transformation(hyperparams)
+        if self.kind == "factory":
+            inner_opt_state = injected(inner_opt_state, tx, params)
+        updates, new_state = tx.update(grads, inner_opt_state, params)
         return InnerResult(optax.apply_updates(params, updates), new_state, loss)
 
     def unroll(

@@ -1,10 +1,19 @@
 """Training loops: episodes, Reptile, schedules, progress, metrics, populations."""
 
-from gradhpo.training.data import Sampler, fixed_batch, minibatches
-from gradhpo.training.loop import STALL_AFTER, RunResult, StalledRunError, run, run_population
+from gradhpo.training.data import DataExhaustedError, Sampler, fixed_batch, minibatches
+from gradhpo.training.loop import (
+    STALL_AFTER,
+    STOP_REASONS,
+    RunResult,
+    StalledRunError,
+    run,
+    run_population,
+)
 
 __all__ = [
     "STALL_AFTER",
+    "STOP_REASONS",
+    "DataExhaustedError",
     "RunResult",
     "Sampler",
     "StalledRunError",

@@ -166,6 +166,19 @@ def fixed_batch(batch: PyTree) -> Sampler:
     return Sampler(_fixed, batch)
 
 
+class DataExhaustedError(ValueError):
+    """An iterator given as ``train_data`` or ``val_data`` ran out before the run ended.
+
+    :func:`run` returns the episodes completed so far (``result.stopped ==
+    "data_exhausted"``) unless ``strict=True``, which raises this with the partial result.
+
+    Attributes:
+      result: the :class:`RunResult` of the completed episodes (set by the loop).
+    """
+
+    result: Any = None
+
+
 class HostSource:
     """A Python batch source, read on the host.
 
@@ -192,7 +205,9 @@ class HostSource:
             return next(self.source)
         except StopIteration:
             if self.passes is None:
-                raise ValueError(f"{self.name} ran out of batches before the run ended") from None
+                raise DataExhaustedError(
+                    f"{self.name} ran out of batches before the run ended"
+                ) from None
         self.source = iter(self.passes)  # the next pass
         try:
             return next(self.source)

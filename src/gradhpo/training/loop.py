@@ -33,13 +33,17 @@ from gradhpo.core.state import BilevelState, check_single
 from gradhpo.core.types import LossFn, PyTree
 from gradhpo.diagnostics import fidelity
 from gradhpo.training import programs
-from gradhpo.training.data import HostSource, Sampler, as_source
-from gradhpo.training.progress import progress_bar, progress_enabled
+from gradhpo.training.data import DataExhaustedError, HostSource, Sampler, as_source
+from gradhpo.training.progress import StepBar, progress_enabled
+from gradhpo.training.progress import _tick as progress_advance
 
 logger = logging.getLogger("gradhpo")
 
 #: Hyper-updates skipped in a row after which :func:`run` warns that the run has stalled.
 STALL_AFTER = 100
+
+#: Progress-bar updates per episode at most, from inside a compiled episode.
+_TICKS_PER_EPISODE = 50
 
 #: Per-window records of the history (arrays of shape ``(num_episodes, windows)``).
 STEP_KEYS = ("train_loss", "val_loss", "hypergrad_norm", "hyper_mean", "hyper_norm", "hyper_update")
@@ -60,12 +64,25 @@ class RunResult(NamedTuple):
         the non-finite guard skipped it); per episode ``theta`` where the optimizer has
         one; and ``hyperparams``, λ at the end of every ``hyperparams_every``-th episode
         (by default every episode; host numpy arrays, copied off the device as the run
-        goes), with their indices in ``hyperparams_episode``.
+        goes), with their indices in ``hyperparams_episode``. A continued run's history
+        holds the episodes of every call, in order.
+      episode: the episodes completed since the run began (over every call that
+        continued it): the index of the next episode.
+      key: the run's PRNG key (a population's: one per member); with ``episode`` and
+        ``meta_params`` it is the loop's position, from which ``run(optimizer, result,
+        ...)`` continues.
+      stopped: ``None`` when every requested episode ran; otherwise why the run ended
+        early, after its last complete episode: ``"interrupted"`` (Ctrl-C),
+        ``"data_exhausted"`` (an iterator ran out) or ``"callback"`` (the callback returned
+        ``True``).
     """
 
     state: BilevelState
     meta_params: PyTree
     history: dict[str, Any]
+    episode: int = 0
+    key: jax.Array | None = None
+    stopped: str | None = None
 
 
 # -- configuration ----------------------------------------------------------------------
@@ -151,8 +168,10 @@ class RunOptions(NamedTuple):
 class _Loop:
     """The episode driver shared by :func:`run` and :func:`run_population`."""
 
-    def __init__(self, opt, train_data, val_data, tl, vl, options: RunOptions, vmapped: bool):
-        self.config = config = options.config(opt)
+    def __init__(
+        self, opt, train_data, val_data, tl, vl, options: RunOptions, vmapped: bool, progress
+    ):
+        config = options.config(opt)
         self.opt, self.tl, self.vl = opt, tl, vl
         opt.note_loss_functions(tl, vl)  # a new lambda per run compiles the run again
         self.train = as_source(train_data, "train_data")
@@ -160,6 +179,10 @@ class _Loop:
         self.lr_hyper = options.traced_lr()
         self.lr_reptile = options.lr_reptile if options.lr_reptile is not None else 0.0
         self.jittable = isinstance(self.train, Sampler) and isinstance(self.val, Sampler)
+        self.show = progress_enabled(progress)
+        if self.show and self.jittable:  # the bar advances from inside the compiled episode
+            config = config._replace(ticks=max(1, config.windows // _TICKS_PER_EPISODE))
+        self.config = config
         if vmapped and not self.jittable:
             raise ValueError(
                 "run_population needs jittable data: a gradhpo.training.Sampler (e.g. "
@@ -217,6 +240,7 @@ class _Loop:
                 opt, self.tl, self.vl, config, state, window, val_batch, self.lr_hyper
             )
             records.append(rec)
+            progress_advance(config.window_steps)
         if config.restart:
             phi = programs.reptile(phi, state.params, self.lr_reptile)
         return state, phi, {k: jnp.stack([r[k] for r in records]) for k in records[0]}
@@ -250,6 +274,10 @@ class StalledRunError(RuntimeError):
     def __init__(self, message: str, result: RunResult):
         super().__init__(message)
         self.result = result
+
+
+#: Values of :attr:`RunResult.stopped`: why a run ended before ``num_episodes``.
+STOP_REASONS = ("interrupted", "data_exhausted", "callback")
 
 
 class _Watch:
@@ -301,90 +329,254 @@ class _Watch:
         logger.warning(message)
 
 
+class _Episode(NamedTuple):
+    """One completed episode, committed to the run by a single ``list.append``."""
+
+    index: int
+    state: Any  # set to None once a later episode is committed
+    phi: Any
+    steps: dict[str, Any]  # the per-window records
+    extras: dict[str, Any]  # the per-episode records (θ)
+    snapshot: Any  # λ on the host, or None
+    fidelity: dict[str, Any] | None
+
+
+class _Start(NamedTuple):
+    """Where a run starts: state, φ, first episode index, key and earlier history."""
+
+    state: Any
+    phi: Any
+    episode: int
+    key: jax.Array
+    history: dict[str, Any]
+
+
+def _start(given, key, config: programs.Config, population: bool) -> _Start:
+    """The start of a run from a state, or the continuation of a :class:`RunResult`."""
+    if not isinstance(given, RunResult):
+        return _Start(given, given.params, 0, key, {})
+    if given.key is None:
+        raise ValueError("this RunResult holds no run position (key): it cannot be continued")
+    if key is not None and not np.array_equal(np.asarray(key), np.asarray(given.key)):
+        raise ValueError(
+            "key: a continued run keeps the key stream of the run it continues; leave the "
+            "key unset (or pass result.key)"
+        )
+    if config.restart != (given.meta_params is not None):
+        if given.meta_params is None:
+            hint = "ran without Reptile restarts: continue it with lr_reptile=None"
+        else:
+            hint = "ran with Reptile restarts (meta_params): continue it with lr_reptile set"
+        raise ValueError(f"lr_reptile: the run being continued {hint}")
+    done = given.history.get("val_loss")
+    axis = 2 if population else 1
+    if done is not None and np.ndim(done) > axis and np.shape(done)[axis] != config.windows:
+        raise ValueError(
+            f"episode_length: the run being continued made {np.shape(done)[axis]} "
+            f"hyper-updates per episode, these options make {config.windows}; continue it "
+            "with the same episode_length and hyper_update_every"
+        )
+    phi = given.meta_params if config.restart else given.state.params
+    return _Start(given.state, phi, int(given.episode), given.key, given.history)
+
+
 def _stack(records: list, axis: int) -> Any:
     """Stack per-episode records on the host: linear in their number, nothing compiled."""
     host = jax.device_get(records)
     return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs, axis)), *host)
 
 
-def _drive(
-    loop: _Loop,
-    state,
-    key,
-    num_episodes,
-    callback,
-    progress,
-    population,
-    fidelity_every=None,
-    hyperparams_every: int | None = 1,
-    stall_after: int = STALL_AFTER,
-    strict: bool = False,
-):
-    """Run the episodes; ``key`` is the run's key (a population's: one per member)."""
-    opt, config = loop.opt, loop.config
-    refit = opt.refit
-    phi = state.params
-    new_episode = jax.vmap(opt.new_episode) if population else opt.new_episode
-    show = progress_enabled(progress)
-    bar = progress_bar(num_episodes, type(opt).__name__, "episode", show)
-    step_records, episode_records, fidelity_records, snapshots = [], [], [], []
-    watch = _Watch(opt, stall_after, strict)
-    axis = 1 if population else 0
-
-    def result():
-        history = _history(step_records, episode_records, snapshots, fidelity_records, axis)
-        if fidelity_every is None:
-            history = {k: v for k, v in history.items() if k not in FIDELITY_KEYS}
-        return RunResult(state, phi if config.restart else None, history)
-
-    try:
-        for episode in range(num_episodes):
-            if refit is not None and episode % refit.every == 0:
-                if config.restart:  # the refit (θ) starts from the episode's φ
-                    state = new_episode(state, phi)
-                state = loop.refit(state, key, episode)
-                watch.after_refit(state, episode)
-                logger.debug("episode %d: %s refit done", episode, type(opt).__name__)
-            state, phi, records = loop.episode(state, phi, key, episode)
-            step_records.append(records)
-            episode_records.append(programs.episode_record(state))  # θ, if any
-            if hyperparams_every is not None and (episode + 1) % hyperparams_every == 0:
-                # Kept on the host: long runs do not fill the device with snapshots.
-                snapshots.append(
-                    {"episode": episode, "hyperparams": jax.device_get(state.hyperparams)}
-                )
-            watch.after_episode(state, episode, result)
-            if fidelity_every is not None and (episode + 1) % fidelity_every == 0:
-                fidelity_records.append(_fidelity_record(loop, state, key, episode))
-                logger.debug("episode %d: fidelity %s", episode, fidelity_records[-1])
-            if callback is not None:
-                info = {**records, "meta_params": phi} if config.restart else records
-                callback(episode, state, info)
-            bar.update(1)  # the user asked for feedback: one read per episode
-            if show:
-                bar.set_postfix(val_loss=f"{float(jnp.mean(records['val_loss'][..., -1])):.4g}")
-    finally:
-        bar.close()
-    return result()
-
-
-def _history(step_records, episode_records, snapshots, fidelity_records, axis):
-    """The run's history from its per-episode records (stacked on the host)."""
-    history = _stack(step_records, axis) if step_records else {}
-    if episode_records and episode_records[0]:
-        history.update(_stack(episode_records, axis))
+def _history(episodes: list[_Episode], axis: int, fidelity: bool) -> dict[str, Any]:
+    """The history of the committed episodes (stacked on the host)."""
+    history = _stack([e.steps for e in episodes], axis) if episodes else {}
+    if episodes and episodes[0].extras:
+        history.update(_stack([e.extras for e in episodes], axis))
+    snapshots = [e for e in episodes if e.snapshot is not None]
     if snapshots:
-        host = [r["hyperparams"] for r in snapshots]
+        host = [e.snapshot for e in snapshots]
         history["hyperparams"] = jax.tree.map(lambda *xs: np.stack(xs, axis), *host)
-        history["hyperparams_episode"] = jnp.asarray([r["episode"] for r in snapshots])
-    for k in FIDELITY_KEYS:
-        history[k] = jnp.stack([r[k] for r in fidelity_records]) if fidelity_records else []
+        history["hyperparams_episode"] = jnp.asarray([e.index for e in snapshots])
+    if fidelity:
+        records = [e.fidelity for e in episodes if e.fidelity is not None]
+        for k in FIDELITY_KEYS:
+            history[k] = jnp.stack([r[k] for r in records]) if records else []
     return history
+
+
+def _empty(value) -> bool:
+    return isinstance(value, list) and not value
+
+
+def _append_history(earlier: dict, later: dict, axis: int) -> dict:
+    """``earlier`` followed by ``later``: per-episode arrays concatenated, records appended."""
+    if not earlier:
+        return later
+    merged = dict(earlier)
+    for name, value in later.items():
+        old = earlier.get(name)
+        if old is None or _empty(old):
+            merged[name] = value
+        elif _empty(value):
+            continue
+        else:
+            along = 0 if name in FIDELITY_KEYS or name == "hyperparams_episode" else axis
+            join = np.concatenate if name == "hyperparams" else jnp.concatenate
+            merged[name] = jax.tree.map(lambda a, b, j=join, n=along: j([a, b], n), old, value)
+    return merged
+
+
+class _Driver:
+    """The episodes of one call of :func:`run` / :func:`run_population`.
+
+    The run's position (state, φ, episode index) advances only when an episode is complete:
+    an interrupt, a source that runs out or a callback asking to stop leaves the last
+    complete episode as the result, and a continued run starts exactly there.
+    """
+
+    def __init__(self, loop: _Loop, start: _Start, num_episodes: int, population, **options):
+        self.loop, self.start, self.population = loop, start, population
+        self.stop_at = start.episode + num_episodes
+        self.axis = 1 if population else 0
+        self.callback = options["callback"]
+        self.fidelity_every = options["fidelity_every"]
+        self.hyperparams_every = options["hyperparams_every"]
+        self.strict = options["strict"]
+        self.checkpointer = options["checkpointer"]
+        self.watch = _Watch(loop.opt, options["stall_after"], options["strict"])
+        self.episodes: list[_Episode] = []
+        self.saved = start.episode
+        latest = self.checkpointer.latest() if self.checkpointer is not None else None
+        if latest is not None and latest > start.episode:
+            raise ValueError(
+                f"checkpointer: {self.checkpointer.directory} holds checkpoints up to episode "
+                f"{latest}, past this run's start at episode {start.episode}; continue from "
+                "the newest (run(optimizer, checkpointer.restore(like=state), ...)) or use "
+                "another directory"
+            )
+
+    def position(self) -> tuple[Any, Any, int]:
+        if self.episodes:
+            last = self.episodes[-1]
+            return last.state, last.phi, last.index + 1
+        return self.start.state, self.start.phi, self.start.episode
+
+    def result(self, stopped: str | None = None) -> RunResult:
+        state, phi, done = self.position()
+        fidelity = self.fidelity_every is not None or any(
+            k in self.start.history for k in FIDELITY_KEYS
+        )
+        history = _history(self.episodes, self.axis, fidelity)
+        history = _append_history(self.start.history, history, self.axis)
+        meta_params = phi if self.loop.config.restart else None
+        return RunResult(state, meta_params, history, done, self.start.key, stopped)
+
+    def one_episode(self, episode: int) -> _Episode:
+        """Episode ``episode`` from the committed position (nothing is committed here)."""
+        loop, opt, config = self.loop, self.loop.opt, self.loop.config
+        state, phi, _ = self.position()
+        key = self.start.key
+        if opt.refit is not None and episode % opt.refit.every == 0:
+            if config.restart:  # the refit (θ) starts from the episode's φ
+                new_episode = jax.vmap(opt.new_episode) if self.population else opt.new_episode
+                state = new_episode(state, phi)
+            state = loop.refit(state, key, episode)
+            self.watch.after_refit(state, episode)
+            logger.debug("episode %d: %s refit done", episode, type(opt).__name__)
+        state, phi, steps = loop.episode(state, phi, key, episode)
+        every = self.hyperparams_every
+        # Snapshots are kept on the host: long runs do not fill the device with them.
+        snapshot = None
+        if every is not None and (episode + 1) % every == 0:
+            snapshot = jax.device_get(state.hyperparams)
+        fid = None
+        if self.fidelity_every is not None and (episode + 1) % self.fidelity_every == 0:
+            fid = _fidelity_record(loop, state, key, episode)
+            logger.debug("episode %d: fidelity %s", episode, fid)
+        return _Episode(episode, state, phi, steps, programs.episode_record(state), snapshot, fid)
+
+    def commit(self, done: _Episode) -> None:
+        self.episodes.append(done)  # the one step that moves the run's position
+        if len(self.episodes) > 1:  # only the last position is kept on the device
+            self.episodes[-2] = self.episodes[-2]._replace(state=None, phi=None)
+
+    def save(self, force: bool = False, stopped: str | None = None) -> None:
+        ck = self.checkpointer
+        _, _, done = self.position()
+        if ck is None or done == self.saved or not (force or done % ck.every == 0):
+            return
+        ck.save(self.result(stopped))
+        self.saved = done
+
+    def run(self) -> RunResult:
+        opt, config = self.loop.opt, self.loop.config
+        steps = config.windows * config.window_steps  # inner steps per episode
+        total = (self.stop_at - self.start.episode) * steps
+        bar = StepBar(total, type(opt).__name__, self.loop.show)
+        stopped = None
+        try:
+            for episode in range(self.start.episode, self.stop_at):
+                done = self.one_episode(episode)
+                self.commit(done)
+                self.watch.after_episode(done.state, episode, self.result)
+                self.save(force=episode + 1 == self.stop_at)
+                _log_episode(opt, done, self.stop_at)
+                bar.sync((episode + 1 - self.start.episode) * steps)
+                if bar.shown:  # the user asked for feedback: one read per episode
+                    val = float(jnp.mean(done.steps["val_loss"][..., -1]))
+                    bar.postfix(episode=f"{episode + 1}/{self.stop_at}", val_loss=f"{val:.4g}")
+                if self.callback is not None:
+                    restart = self.loop.config.restart
+                    info = {**done.steps, "meta_params": done.phi} if restart else done.steps
+                    if self.callback(episode, done.state, info) is True:
+                        stopped = "callback"
+                        break
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        except DataExhaustedError as error:
+            if self.strict:
+                self.save(force=True, stopped="data_exhausted")
+                error.result = self.result("data_exhausted")
+                raise
+            logger.warning("%s; returning the %s", error, self._completed())
+            stopped = "data_exhausted"
+        finally:
+            bar.close()
+        if stopped is not None:
+            self.save(force=True, stopped=stopped)
+            if stopped == "interrupted":
+                logger.warning("interrupted: returning the %s", self._completed())
+        return self.result(stopped)
+
+    def _completed(self) -> str:
+        _, _, done = self.position()
+        return f"run as of its last complete episode ({done} episodes done)"
+
+
+def _log_episode(opt, done: _Episode, total: int) -> None:
+    """Per-episode metrics on the ``"gradhpo"`` logger at INFO (read only when enabled)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    last = jax.device_get({k: done.steps[k][..., -1] for k in ("train_loss", "val_loss")})
+    mean = jax.device_get(done.steps["hyper_mean"][..., -1])
+    norm = jax.device_get(jnp.max(done.steps["hypergrad_norm"]))
+    skipped = int(np.sum(~np.asarray(jax.device_get(done.steps["hyper_update"]))))
+    logger.info(
+        "%s episode %d/%d: train_loss %.6g, val_loss %.6g, mean λ %.6g, max |hypergrad| %.4g"
+        ", %d skipped",
+        type(opt).__name__,
+        done.index + 1,
+        total,
+        float(np.mean(last["train_loss"])),
+        float(np.mean(last["val_loss"])),
+        float(np.mean(mean)),
+        float(norm),
+        skipped,
+    )
 
 
 def run(
     optimizer: BilevelOptimizer,
-    state: BilevelState,
+    state: BilevelState | RunResult,
     train_data: Any,
     val_data: Any,
     train_loss_fn: LossFn,
@@ -402,6 +594,7 @@ def run(
     hyperparams_every: int | None = 1,
     stall_after: int = STALL_AFTER,
     strict: bool = False,
+    checkpointer: Any = None,
 ) -> RunResult:
     """Train ``num_episodes`` episodes of ``episode_length`` step calls; one signature for all.
 
@@ -425,9 +618,20 @@ def run(
     window (see :mod:`gradhpo.training.data`). Programs compile
     once: the step counter, the learning rates and the schedule values are traced.
 
+    A run is resumable: the returned :class:`RunResult` holds the loop's position (episode
+    index, φ, key), and ``run(optimizer, result, ...)`` continues it for ``num_episodes``
+    more episodes, exactly as one uninterrupted call would have run them (bitwise, with
+    jittable data; a Python source is simply read on), its history appended. With a
+    :class:`gradhpo.checkpoint.Checkpointer` the position is also saved to disk every
+    ``checkpointer.every`` episodes. Ctrl-C, an iterator that runs out, or a callback that
+    returns ``True`` ends the run after its last complete episode and returns it, with
+    ``result.stopped`` saying why (and, with a checkpointer, that episode saved).
+
     Args:
       optimizer: any :class:`~gradhpo.core.base.BilevelOptimizer`.
-      state: the initial state (``optimizer.init``); its ``params`` are the first φ.
+      state: the initial state (``optimizer.init``; its ``params`` are the first φ), or
+        the :class:`RunResult` of an earlier call (or of
+        :meth:`~gradhpo.checkpoint.Checkpointer.restore`) to continue.
       train_data, val_data: batch sources (see above).
       train_loss_fn, val_loss_fn: ``loss(params, hyperparams, batch) -> scalar``.
       num_episodes: M ≥ 1.
@@ -440,10 +644,12 @@ def run(
         by the window's inner steps). Must be ``None`` with an ``outer_optimizer``.
       hyper_update_every: k ≥ 1, update λ at every k-th step call (online optimizers).
       lr_reptile: ``None`` (no restarts) or η_Reptile ∈ [0, 1].
-      key: PRNG key for the samplers (default ``PRNGKey(0)``).
+      key: PRNG key for the samplers (default ``PRNGKey(0)``; a continued run keeps its
+        own).
       callback: ``callback(episode, state, records)`` after every episode (host side):
         ``records`` holds the episode's window records and, with restarts,
-        ``"meta_params"``, φ after the episode's Reptile update.
+        ``"meta_params"``, φ after the episode's Reptile update. Returning ``True`` stops
+        the run there (``result.stopped == "callback"``).
       progress: show a tqdm bar; default: on in a terminal, off when ``CI`` is set.
       fidelity_every: N ≥ 1: after every N-th episode, compare the optimizer's hypergradient
         with the exact one over one freshly drawn window from the current state
@@ -462,10 +668,13 @@ def run(
         between episodes), log a warning on the ``"gradhpo"`` logger (once per stall).
         Default 100.
       strict: raise :class:`StalledRunError` (with the partial result) instead of
-        warning.
+        warning on a stall, and :class:`~gradhpo.training.data.DataExhaustedError` (its
+        ``result`` the partial result) instead of returning when an iterator runs out.
+      checkpointer: a :class:`gradhpo.checkpoint.Checkpointer`: save the run every
+        ``checkpointer.every`` episodes, after the last one and when the run stops early.
 
     Returns:
-      A :class:`RunResult` (final state, φ, history arrays).
+      A :class:`RunResult` (final state, φ, history arrays, position).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -484,24 +693,45 @@ def run(
       ...           train, val, num_episodes=2, episode_length=4, progress=False)
       >>> int(out.state.step), out.history["hyper_update"].shape  # 2 x 4 windows of 5 steps
       (40, (2, 4))
+      >>> more = run(greedy, out, jnp.ones(2), jnp.ones(2), train, val, num_episodes=1,
+      ...            episode_length=4, progress=False)  # continue: episode 2
+      >>> more.episode, int(more.state.step), more.history["hyper_update"].shape
+      (3, 60, (3, 4))
 
     References:
       Lee et al., ICLR 2022, Algorithm 3; Nichol et al., 2018 (Reptile).
     """
     if fidelity_every is not None:
         fidelity_every = positive_int("fidelity_every", fidelity_every)
-    watch = _watch_options(hyperparams_every, stall_after, strict)
+    watch = _watch_options(hyperparams_every, stall_after, strict, callback, checkpointer)
     options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
-    loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False)
-    key = _run_key(key)
-    check_single(state, "use run_population for a population of states, or pass one member")
-    return _drive(loop, state, key, num_episodes, callback, progress, None, fidelity_every, *watch)
+    loop = _Loop(
+        optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False, progress
+    )
+    key = _run_key(key) if key is not None or not isinstance(state, RunResult) else None
+    start = _start(state, key, loop.config, population=False)
+    check_single(start.state, "use run_population for a population of states, or pass one member")
+    watch["fidelity_every"] = fidelity_every
+    return _Driver(loop, start, num_episodes, None, **watch).run()
 
 
-def _watch_options(hyperparams_every, stall_after, strict) -> tuple:
+def _watch_options(hyperparams_every, stall_after, strict, callback, checkpointer) -> dict:
     if hyperparams_every is not None:
         hyperparams_every = positive_int("hyperparams_every", hyperparams_every)
-    return hyperparams_every, positive_int("stall_after", stall_after), flag("strict", strict)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if checkpointer is not None and not hasattr(checkpointer, "save"):
+        raise TypeError(
+            "checkpointer must be a gradhpo.checkpoint.Checkpointer or None, got "
+            f"{type(checkpointer).__name__}"
+        )
+    return {
+        "hyperparams_every": hyperparams_every,
+        "stall_after": positive_int("stall_after", stall_after),
+        "strict": flag("strict", strict),
+        "callback": callback,
+        "checkpointer": checkpointer,
+    }
 
 
 def _run_key(key) -> jax.Array:
@@ -521,13 +751,13 @@ def _run_key(key) -> jax.Array:
 
 def run_population(
     optimizer: BilevelOptimizer,
-    states: BilevelState,
+    states: BilevelState | RunResult,
     train_data: Any,
     val_data: Any,
     train_loss_fn: LossFn,
     val_loss_fn: LossFn,
     *,
-    keys: jax.Array,
+    keys: jax.Array | None = None,
     num_episodes: int = 1,
     episode_length: int | None = None,
     lr_hyper: Any = None,
@@ -538,6 +768,7 @@ def run_population(
     hyperparams_every: int | None = 1,
     stall_after: int = STALL_AFTER,
     strict: bool = False,
+    checkpointer: Any = None,
 ) -> RunResult:
     """:func:`run` for N independent copies at once, as one ``vmap``-ped compiled program.
 
@@ -546,15 +777,19 @@ def run_population(
     ``keys[i]``; it computes what ``run(..., key=keys[i])`` computes for that member alone,
     equal to rounding but not necessarily bitwise (the batched program may order its sums
     differently; float32 results agree to about one unit in the last place per step). Data
-    must be jittable (a Sampler or a fixed batch).
+    must be jittable (a Sampler or a fixed batch). A population run is resumable and
+    interrupt-safe as :func:`run` is: pass its result as ``states`` to continue it. The
+    arguments not listed below (``train_data``, ``val_data``, the losses, ``num_episodes``,
+    ``episode_length``, ``lr_hyper``, ``hyper_update_every``, ``lr_reptile``, ``callback``,
+    ``progress``, ``hyperparams_every``, ``stall_after``, ``strict``, ``checkpointer``) are
+    as for :func:`run`; a stall is the maximum over the members.
 
     Args:
       optimizer: any :class:`~gradhpo.core.base.BilevelOptimizer`.
-      states: the members' initial states, stacked along a leading axis of length N.
-      keys: N PRNG keys, shape ``(N, 2)``.
-      train_data, val_data, train_loss_fn, val_loss_fn, num_episodes, episode_length,
-      lr_hyper, hyper_update_every, lr_reptile, callback, progress, hyperparams_every,
-      stall_after, strict: as for :func:`run` (a stall is the maximum over the members).
+      states: the members' initial states, stacked along a leading axis of length N, or
+        the :class:`RunResult` of an earlier population run to continue.
+      keys: N PRNG keys, shape ``(N, 2)`` (required for a new run; a continued one keeps
+        its own).
 
     Returns:
       A :class:`RunResult` whose every array has a leading population axis.
@@ -577,15 +812,22 @@ def run_population(
     References:
       Lee et al., ICLR 2022, Algorithm 3.
     """
-    watch = _watch_options(hyperparams_every, stall_after, strict)
+    watch = _watch_options(hyperparams_every, stall_after, strict, callback, checkpointer)
     options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
-    loop = _Loop(optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, True)
-    if not isinstance(states, BilevelState):
+    loop = _Loop(
+        optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, True, progress
+    )
+    given = states.state if isinstance(states, RunResult) else states
+    if not isinstance(given, BilevelState):
         raise TypeError(f"states must be a BilevelState, got {type(states).__name__}")
-    population = int(jnp.shape(states.step)[0]) if jnp.ndim(states.step) == 1 else None
+    population = int(jnp.shape(given.step)[0]) if jnp.ndim(given.step) == 1 else None
     if population is None:
         raise ValueError("states must carry a leading population axis (states.step of shape (N,))")
-    if jnp.shape(keys)[:1] != (population,):
+    if keys is None and not isinstance(states, RunResult):
+        raise TypeError("run_population needs keys: N PRNG keys, shape (N, 2)")
+    if keys is not None and jnp.shape(keys)[:1] != (population,):
         raise ValueError(f"keys must have a leading axis of length {population}, got {keys.shape}")
     # Member i's keys are exactly those run(key=keys[i]) would use.
-    return _drive(loop, states, keys, num_episodes, callback, progress, population, None, *watch)
+    start = _start(states, keys, loop.config, population=True)
+    watch["fidelity_every"] = None
+    return _Driver(loop, start, num_episodes, population, **watch).run()

@@ -19,6 +19,7 @@ from gradhpo.core.batches import Stacked
 from gradhpo.core.state import BilevelState
 from gradhpo.core.types import LossFn, PyTree
 from gradhpo.training.data import HostSource, Sampler
+from gradhpo.training.progress import report
 from gradhpo.utils.tree import tree_norm
 
 
@@ -32,6 +33,8 @@ class Config(NamedTuple):
       window_steps: inner steps a window covers.
       restart: episodes restart the weights from φ (Reptile).
       schedule: a jittable ``n -> lr_hyper`` of the hyper-update count, or ``None``.
+      ticks: advance the progress bar every ``ticks`` windows from inside a compiled
+        episode (0: no bar, no callback in the program).
     """
 
     windows: int
@@ -39,6 +42,7 @@ class Config(NamedTuple):
     window_steps: int
     restart: bool
     schedule: Callable[[jax.Array], jax.Array] | None
+    ticks: int = 0
 
 
 def hyper_summary(hyperparams: PyTree) -> tuple[jax.Array, jax.Array]:
@@ -155,12 +159,16 @@ def episode_scan(
         state = opt.new_episode(state, phi)
     keys = episode_call_keys(episode_keys(key, episode)[1], config)
 
-    def body(state, keys_w):
+    def body(state, xs):
+        keys_w, index = xs if config.ticks else (xs, None)
         window, val_batch = window_batches(opt, config, train_src, val_src, keys_w)
         new = apply_window(opt, tl, vl, config, state, window, val_batch, lr_hyper)
+        if config.ticks:
+            report(index, config.ticks, config.window_steps)
         return new, record(state, new)
 
-    state, records = jax.lax.scan(body, state, keys)
+    xs = (keys, jnp.arange(config.windows)) if config.ticks else keys
+    state, records = jax.lax.scan(body, state, xs)
     if config.restart:
         phi = reptile(phi, state.params, lr_reptile)
     return state, phi, records

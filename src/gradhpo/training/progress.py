@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+
+import jax
 
 logger = logging.getLogger("gradhpo")
 
@@ -69,3 +72,83 @@ def progress_bar(total: int, desc: str, unit: str, progress: bool | None = None)
         logger.info("tqdm is not installed: no progress bar")
         return _NoProgress()
     return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
+class StepBar:
+    """The training loops' bar over inner steps, with compilation shown as its own phase.
+
+    Until the first compiled program has run, the bar reads ``"<name> (compiling)"``;
+    then it counts inner steps, advanced from inside a compiled episode by
+    :func:`report` (a host callback every few windows) or by the host between windows.
+    The seconds spent compiling are shown beside it.
+
+    Example:
+      >>> from gradhpo.training.progress import StepBar
+      >>> bar = StepBar(100, "demo", progress=False)
+      >>> bar.advance(10); bar.sync(20); bar.close()
+      >>> bar.count, bar.values["compile"].endswith("s")
+      (20, True)
+    """
+
+    def __init__(self, total: int, name: str, progress: bool | None = None):
+        self.name, self.bar = name, progress_bar(total, f"{name} (compiling)", "step", progress)
+        self.shown = not isinstance(self.bar, _NoProgress)
+        self.count = 0
+        self.started = time.perf_counter()
+        self.compiling = True
+        self.values: dict[str, str] = {}
+        _ACTIVE.append(self)
+
+    def ran(self) -> None:
+        """A compiled program has started running: the compiling phase is over."""
+        if self.compiling:
+            self.compiling = False
+            seconds = time.perf_counter() - self.started
+            logger.debug("%s: compiled and started in %.1f s", self.name, seconds)
+            self.values["compile"] = f"{seconds:.1f}s"
+            if self.shown:
+                self.bar.set_description(self.name, refresh=False)
+                self.bar.set_postfix(**self.values)
+
+    def advance(self, steps: int) -> None:
+        """``steps`` more inner steps done."""
+        self.ran()
+        self.count += steps
+        self.bar.update(steps)
+
+    def sync(self, count: int) -> None:
+        """Exactly ``count`` inner steps done (an episode's end: no tick is lost)."""
+        if count != self.count:
+            self.advance(count - self.count)
+
+    def postfix(self, **values: str) -> None:
+        """Values shown after the bar (beside the compile time)."""
+        self.values.update(values)
+        if self.shown:
+            self.bar.set_postfix(**self.values)
+
+    def close(self) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        self.bar.close()
+
+
+_ACTIVE: list[StepBar] = []  # the bar of the run in progress, for the compiled callbacks
+
+
+def _tick(steps) -> None:
+    if _ACTIVE:
+        _ACTIVE[-1].advance(int(steps))
+
+
+def report(window: jax.Array, stride: int, window_steps: int) -> None:
+    """Inside a compiled episode: after every ``stride``-th window, advance the bar.
+
+    A host callback once per ``stride`` windows (only in programs compiled with a bar);
+    nothing in the computation depends on it.
+    """
+    jax.lax.cond(
+        (window + 1) % stride == 0,
+        lambda: jax.debug.callback(_tick, stride * window_steps),
+        lambda: None,
+    )
