@@ -20,3 +20,18 @@ def test_project_urls_and_classifiers():
     assert "Programming Language :: Python :: 3.11" in classifiers
     assert any(c.startswith("Development Status ::") for c in classifiers)
     assert not any(c.startswith("License ::") for c in classifiers)  # the SPDX field says it
+
+
+def test_readme_links_are_absolute_and_the_distribution_name_is_free():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)]+)\)", text)
+    assert targets and all(t.startswith(("https://", "#")) for t in targets), targets
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "gradhpo-jax"  # "gradhpo" on the index is another project's
+    floors = {d.split(">=")[0]: d.split(">=")[1] for d in project["dependencies"]}
+    assert floors == {"jax": "0.8.1", "optax": "0.2.5", "numpy": "2.2.6"}
+    ci = (ROOT / ".ci" / "run").read_text()
+    for name, version in floors.items():  # CI installs exactly the floors and tests them
+        assert f"{name}=={version}" in ci
