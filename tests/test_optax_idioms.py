@@ -84,8 +84,9 @@ def test_a_lambda_leaf_nothing_reads_is_named_once():
     opt = gradhpo.OneStepOptimizer(lambda lam: optax.sgd(jnp.exp(lam["log_lr"])))
     lam = {"log_lr": jnp.log(0.5), "forgotten": jnp.zeros(3)}
     state = opt.init(logreg_init(), lam)
-    with pytest.warns(UserWarning, match=r"depends on hyperparams\['forgotten'\], so"):
+    with pytest.warns(UserWarning, match=r"depends on hyperparams\['forgotten'\], so") as record:
         state = opt.step(state, train, val, train_loss, val_loss, 0.1)
+    assert record[0].filename == __file__  # attributed to the user's call, not to gradhpo
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(state, train, val, train_loss, val_loss, 0.2)  # compiled: no second warning

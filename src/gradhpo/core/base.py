@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import abc
 import inspect
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -148,6 +150,20 @@ def _is_default(value: Any, default: Any) -> bool:
 
 
 _ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, int, float)
+
+# Where a warning is attributed: the first frame outside gradhpo and JAX (the user's call).
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(jax.__file__)) + os.sep,
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside gradhpo and JAX, for ``warnings.warn``."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _float_tree(name: str, tree: PyTree) -> PyTree:
@@ -640,7 +656,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         seen = _WARNED.setdefault(self, set())
         if key not in seen:
             seen.add(key)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=_caller_level())
 
 
 class OnlineOptimizer(BilevelOptimizer):
