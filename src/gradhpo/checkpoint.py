@@ -113,6 +113,7 @@ class Checkpointer:
         arrays = {"state": result.state, "key": result.key}
         if result.meta_params is not None:
             arrays["meta_params"] = result.meta_params
+        arrays = jax.tree.map(_savable, arrays)
         history, layout = _flat_history(result.history)
         meta = {
             "format": FORMAT,
@@ -171,6 +172,7 @@ class Checkpointer:
         }
         if meta["restart"]:
             target["meta_params"] = template.params
+        target = jax.tree.map(_restorable, target)
         items = {"arrays": ocp.args.StandardRestore(target)}
         if meta["history"]:
             items["history"] = ocp.args.StandardRestore()
@@ -181,7 +183,8 @@ class Checkpointer:
                 f"the checkpoint of episode {episode} does not fit `like` (another "
                 f"optimizer, model or population size?): {error}"
             ) from error
-        arrays = restored.arrays
+        arrays = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x,
+                              restored.arrays)  # fmt: skip
         history = _unflat_history(
             restored.history if meta["history"] else {}, meta["history"], template
         )
@@ -197,6 +200,35 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for pending writes and release the directory."""
         self._manager.close()
+
+
+def _savable(leaf: Any) -> Any:
+    """Under several processes, a host-local or replicated array is saved as numpy.
+
+    orbax refuses host-local ``jax.Array`` s in a multi-process program; a replicated global
+    array is the same on every process. Arrays sharded across processes (a sharded λ)
+    are saved, and restored, shard by shard. With one process nothing changes.
+    """
+    if jax.process_count() == 1 or not isinstance(leaf, jax.Array):
+        return leaf
+    if leaf.is_fully_addressable:
+        return np.asarray(leaf)
+    if leaf.sharding.is_fully_replicated:
+        return np.asarray(leaf.addressable_data(0))
+    return leaf
+
+
+def _restorable(leaf: Any) -> Any:
+    """The restore target of a leaf of ``like``: its placement where it has one.
+
+    An array on a device of its own choosing (uncommitted, as ``init`` returns them) or one
+    not sharded across processes is restored on the host and placed by the next program,
+    next to data on any mesh; an array with an explicit sharding is restored into it.
+    """
+    leaf = _savable(leaf)
+    if isinstance(leaf, jax.Array) and not leaf.committed:
+        return np.zeros(leaf.shape, leaf.dtype)
+    return leaf
 
 
 def _flat_history(history: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -1,6 +1,12 @@
 """Training loops: episodes, Reptile, schedules, progress, metrics, populations."""
 
-from gradhpo.training.data import DataExhaustedError, Sampler, fixed_batch, minibatches
+from gradhpo.training.data import (
+    DataExhaustedError,
+    Sampler,
+    fixed_batch,
+    minibatches,
+    sharded_minibatches,
+)
 from gradhpo.training.loop import (
     STALL_AFTER,
     STOP_REASONS,
@@ -21,4 +27,5 @@ __all__ = [
     "minibatches",
     "run",
     "run_population",
+    "sharded_minibatches",
 ]

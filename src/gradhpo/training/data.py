@@ -154,6 +154,80 @@ def minibatches(data: PyTree, batch_size: int, *, replace: bool = True) -> Sampl
     return Sampler(_Minibatch(batch_size, replace), jax.tree.map(jnp.asarray, data))
 
 
+@dataclasses.dataclass(frozen=True)
+class _LocalMinibatch:
+    """``sample_fn`` of :func:`sharded_minibatches`: each shard draws from its own rows."""
+
+    batch_size: int  # per shard
+    replace: bool
+    mesh: Any
+    axis: str
+
+    def __call__(self, data: PyTree, key: jax.Array) -> Batch:
+        spec = jax.sharding.PartitionSpec(self.axis)
+        draw = _Minibatch(self.batch_size, self.replace)
+
+        def local(rows, key):
+            return draw(rows, jax.random.fold_in(key, jax.lax.axis_index(self.axis)))
+
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(spec, jax.sharding.PartitionSpec()),
+            out_specs=spec,
+        )(data, key)
+
+
+def sharded_minibatches(
+    data: PyTree, batch_size: int, mesh: jax.sharding.Mesh, axis: str = "batch", *, replace=True
+) -> Sampler:
+    """Minibatches drawn shard by shard: every device (or process) samples its own rows.
+
+    ``data`` is a global array sharded over the mesh axis ``axis`` along its leading
+    (example) axis — on several processes, e.g. built with
+    ``jax.make_array_from_process_local_data`` from each process's own rows. Each shard draws
+    ``batch_size / mesh.shape[axis]`` of its own rows (with its own key, the draw's key
+    folded with the shard's index), so the batch is sharded like the data and no example
+    crosses devices. :func:`minibatches` instead draws from all rows, gathering them.
+
+    Args:
+      data: a pytree of arrays sharded over ``axis`` along their leading axis.
+      batch_size: the global batch size, a multiple of the axis size.
+      mesh: the mesh of the sharding.
+      axis: the mesh axis of the examples.
+      replace: draw with replacement (see :func:`minibatches`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> from gradhpo.training import sharded_minibatches
+      >>> mesh = jax.make_mesh((1,), ("batch",))
+      >>> x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("batch")))
+      >>> sharded_minibatches(x, 4, mesh)(jax.random.PRNGKey(0)).shape
+      (4,)
+    """
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.shape:
+        raise ValueError(f"axis must be one of the mesh axes {tuple(mesh.shape)}, got {axis!r}")
+    shards = mesh.shape[axis]
+    batch_size = positive_int("batch_size", batch_size)
+    if batch_size % shards:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of the {shards} shards of axis {axis!r}"
+        )
+    n = leading_axis_length(data, "data")
+    if n % shards:
+        raise ValueError(f"data has {n} examples, not a multiple of the {shards} shards")
+    per_shard = batch_size // shards
+    if not replace and per_shard > n // shards:
+        raise ValueError(
+            f"batch_size must be <= {n} (the number of examples) without replacement, got "
+            f"{batch_size}"
+        )
+    return Sampler(_LocalMinibatch(per_shard, replace, mesh, axis), data)
+
+
 def fixed_batch(batch: PyTree) -> Sampler:
     """A sampler that returns ``batch`` at every step (full-batch training).
 

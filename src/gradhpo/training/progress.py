@@ -11,6 +11,16 @@ import jax
 
 logger = logging.getLogger("gradhpo")
 
+
+class _PrimaryProcessOnly(logging.Filter):
+    """Under several processes (``jax.distributed``), only process 0 logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return jax.process_index() == 0
+
+
+logger.addFilter(_PrimaryProcessOnly())
+
 # Values of the CI variable that mean "not under CI" (unset or empty counts as off too).
 _CI_OFF = ("", "0", "false", "no", "off")
 
@@ -18,7 +28,8 @@ _CI_OFF = ("", "0", "false", "no", "off")
 def progress_enabled(progress: bool | None = None) -> bool:
     """Whether to draw a progress bar.
 
-    An explicit ``progress`` wins; otherwise a bar is drawn on a terminal (standard error
+    Under several processes only process 0 draws one. Otherwise an explicit ``progress``
+    wins; without one, a bar is drawn on a terminal (standard error
     is a TTY) unless the ``CI`` environment variable is set to anything but
     ``""``, ``0``, ``false``, ``no`` or ``off`` (so ``CI=true``, ``CI=1`` and ``CI=on``
     all turn it off).
@@ -31,6 +42,8 @@ def progress_enabled(progress: bool | None = None) -> bool:
       ...     progress_enabled(), progress_enabled(True)
       (False, True)
     """
+    if jax.process_index() != 0:  # several processes: process 0 draws the one bar
+        return False
     if progress is not None:
         return bool(progress)
     if os.environ.get("CI", "").strip().lower() not in _CI_OFF:
