@@ -1,19 +1,21 @@
 """Past one device: population throughput, and λ sharded over host devices.
 
-Prints three Markdown tables of ratios, each measured in one run:
+Prints four Markdown tables of ratios, each measured in one run:
 
 1. population throughput: ``run_population`` of N members (one ``vmap``-ped program) against
    N sequential ``run`` calls, for N in {8, 32, 128} and two MLP sizes (1-8-8-1 and
    1-40-40-1 on a sinusoid, One-Step with per-parameter L2); and the same population
    sharded over the host devices (``--devices``, members split between them);
-2. step time with per-parameter λ (and the weights) sharded over the host devices along a
+2. the layouts of one population (N = 32): one ``vmap``, ``lax.map`` in batches, the
+   ``vmap`` sharded over host devices, each against a loop of single runs;
+3. step time with per-parameter λ (and the weights) sharded over the host devices along a
    model axis, against replicated, for One-Step and Greedy;
-3. memory per device of that step from the compiled program's ``memory_analysis``
+4. memory per device of that step from the compiled program's ``memory_analysis``
    (arguments + outputs + temporaries), sharded against replicated.
 
-Run: ``python benchmarks/scale.py`` (add ``--quick`` for seconds). Tables 2-3 and the
-sharded column of table 1 run in a subprocess with ``--devices`` host devices (8 by
-default), forced with ``XLA_FLAGS=--xla_force_host_platform_device_count``.
+Run: ``python benchmarks/scale.py`` (add ``--quick`` for seconds). Tables 3-4, the last row
+of table 2 and the sharded column of table 1 run in a subprocess with ``--devices`` host
+devices (8 by default), forced with ``XLA_FLAGS=--xla_force_host_platform_device_count``.
 """
 
 from __future__ import annotations
@@ -118,6 +120,51 @@ def population_rows(sizes, widths, steps, repeats, shard: bool):
     return rows
 
 
+def layout_rows(n: int, width: int, steps: int, repeats: int):
+    """One population of ``n`` members, ``steps`` One-Step steps, in every layout considered.
+
+    The same step program, scanned ``steps`` times, with the population as: a Python loop
+    of single runs (sequential), one ``vmap`` (batched ``dot_general``: the population as an
+    extra matmul dimension), ``lax.map`` in batches of b members (a loop of b-wide vmaps
+    inside one program), and a ``vmap`` sharded over the host devices. Ratios are
+    throughput against sequential.
+    """
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    opt, states, batch, tl, vl, _ = problem(width, n)
+
+    def member(state):
+        def body(s, _):
+            return opt.step(s, batch, batch, tl, vl, 0.05), None
+
+        return jax.lax.scan(body, state, None, length=steps)[0]
+
+    single = jax.jit(member)
+    members = [jax.tree.map(lambda x, i=i: x[i], states) for i in range(n)]
+    t_seq = timed(lambda: [single(m) for m in members], repeats)
+    layouts = {"vmap": jax.jit(jax.vmap(member))}
+    for b in (4, 8):
+        if n % b == 0 and b < n:
+            layouts[f"lax.map, batches of {b}"] = jax.jit(
+                lambda s, b=b: jax.lax.map(member, s, batch_size=b)
+            )
+    rows = [{"layout": name, "ratio": t_seq / timed(lambda f=f: f(states), repeats)}
+            for name, f in layouts.items()]  # fmt: skip
+    if jax.device_count() > 1 and n % jax.device_count() == 0:
+        mesh = jax.sharding.Mesh(jax.devices(), ("population",))
+        placed = jax.device_put(states, NamedSharding(mesh, P("population")))
+        f = layouts["vmap"]
+        rows.append(
+            {
+                "layout": f"vmap over {jax.device_count()} host devices",
+                "ratio": t_seq / timed(lambda: f(placed), repeats),
+            }
+        )
+    return rows
+
+
 def sharded_lambda_rows(hidden: int, repeats: int):
     """Step time and memory per device: λ and weights sharded over a model axis vs replicated."""
     import jax
@@ -186,6 +233,7 @@ def child(args) -> None:
     out = {
         "population": population_rows(args.sizes, args.widths, args.steps, args.repeats, True),
         "lambda": sharded_lambda_rows(args.hidden, args.repeats),
+        "layouts": layout_rows(32, 8, args.steps, args.repeats),
     }
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -226,6 +274,12 @@ def main(argv=None) -> None:
         s = by_key.get((r["width"], r["N"]), {}).get("sharded")
         shown = f"{s:.2f}×" if s is not None else "—"
         print(f"| 1-{r['width']}-{r['width']}-1 | {r['N']} | {r['vmap']:.2f}× | {shown} |")
+    print("\nLayouts of one population (N = 32, MLP 1-8-8-1, the step scanned; throughput")
+    print("against a Python loop of single runs of the same program)\n")
+    print("| layout | throughput ratio |")
+    print("|---|---|")
+    for r in layout_rows(32, 8, args.steps, args.repeats) + sharded["layouts"][-1:]:
+        print(f"| {r['layout']} | {r['ratio']:.2f}× |")
     print(f"\nλ (one per weight) sharded over {args.devices} host devices vs replicated\n")
     print("| method | step time ratio | memory per device ratio | replicated memory |")
     print("|---|---|---|---|")
