@@ -65,6 +65,10 @@ def multi_process(n_processes: int, process_id: int, port: str, directory: str) 
     tl, vl = l2_train_loss, l2_val_loss
     out = {}
     glob_train, glob_val = feed(train), feed(val)
+    stepped = s0
+    for _ in range(3):  # step by hand on the global batches
+        stepped = opt.step(stepped, glob_train, glob_val, tl, vl, 0.1)
+    out["step"] = local(stepped.hyperparams).tolist()
     full = run(opt, s0, minibatches(glob_train, 32), glob_val, tl, vl, num_episodes=3, **kw)
     out["run"] = local(full.state.hyperparams).tolist()
     out["sharding"] = str(full.state.hyperparams.sharding.spec)

@@ -60,7 +60,7 @@ def finish(proc) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
-    """run, the shard-local sampler, checkpoint + resume and run_population on 2 processes
+    """step, run, the shard-local sampler, checkpoint + resume and run_population on 2 processes
     equal one process of 2 host devices to 1e-6; only process 0 logs."""
     port = free_port()
     procs = [launch("multi_process", 2, i, port, tmp_path / "two") for i in range(2)]
@@ -69,7 +69,7 @@ def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
     two = [result(p) for p in finished]
     one = result(single)
     assert two[0] == two[1]  # both processes hold the same replicated λ
-    for name in ("run", "sharded_sampler", "resumed", "population"):
+    for name in ("step", "run", "sharded_sampler", "resumed", "population"):
         np.testing.assert_allclose(two[0][name], one[name], rtol=1e-6, atol=1e-7)
     assert two[0]["resumed"] == two[0]["run"]  # a checkpointed run resumes bitwise
     assert two[0]["episodes"] == [1, 2]
