@@ -7,7 +7,8 @@ Prints four Markdown tables of ratios, each measured in one run:
    1-40-40-1 on a sinusoid, One-Step with per-parameter L2); and the same population
    sharded over the host devices (``--devices``, members split between them);
 2. the layouts of one population (N = 32): one ``vmap``, ``lax.map`` in batches, the
-   ``vmap`` sharded over host devices, each against a loop of single runs;
+   ``vmap`` sharded over host devices, each against a loop of single runs, with the CPU
+   cores kept busy (CPU time over wall time: where the time goes on XLA:CPU);
 3. step time with per-parameter λ (and the weights) sharded over the host devices along a
    model axis, against replicated, for One-Step and Greedy;
 4. memory per device of that step from the compiled program's ``memory_analysis``
@@ -83,6 +84,17 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
+def busy_cores(fn, repeats: int) -> float:
+    """CPU seconds per wall second while ``fn`` runs (1.0: one core busy)."""
+    import jax
+
+    jax.block_until_ready(fn())
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
 def population_rows(sizes, widths, steps, repeats, shard: bool):
     import jax
     from jax.sharding import AxisType, NamedSharding
@@ -150,8 +162,14 @@ def layout_rows(n: int, width: int, steps: int, repeats: int):
             layouts[f"lax.map, batches of {b}"] = jax.jit(
                 lambda s, b=b: jax.lax.map(member, s, batch_size=b)
             )
-    rows = [{"layout": name, "ratio": t_seq / timed(lambda f=f: f(states), repeats)}
-            for name, f in layouts.items()]  # fmt: skip
+    rows = [
+        {
+            "layout": name,
+            "ratio": t_seq / timed(lambda f=f: f(states), repeats),
+            "cores": busy_cores(lambda f=f: f(states), repeats),
+        }
+        for name, f in layouts.items()
+    ]
     if jax.device_count() > 1 and n % jax.device_count() == 0:
         mesh = jax.sharding.Mesh(jax.devices(), ("population",))
         placed = jax.device_put(states, NamedSharding(mesh, P("population")))
@@ -160,6 +178,7 @@ def layout_rows(n: int, width: int, steps: int, repeats: int):
             {
                 "layout": f"vmap over {jax.device_count()} host devices",
                 "ratio": t_seq / timed(lambda: f(placed), repeats),
+                "cores": busy_cores(lambda: f(placed), repeats),
             }
         )
     return rows
@@ -276,10 +295,10 @@ def main(argv=None) -> None:
         print(f"| 1-{r['width']}-{r['width']}-1 | {r['N']} | {r['vmap']:.2f}× | {shown} |")
     print("\nLayouts of one population (N = 32, MLP 1-8-8-1, the step scanned; throughput")
     print("against a Python loop of single runs of the same program)\n")
-    print("| layout | throughput ratio |")
-    print("|---|---|")
+    print("| layout | throughput ratio | cores busy |")
+    print("|---|---|---|")
     for r in layout_rows(32, 8, args.steps, args.repeats) + sharded["layouts"][-1:]:
-        print(f"| {r['layout']} | {r['ratio']:.2f}× |")
+        print(f"| {r['layout']} | {r['ratio']:.2f}× | {r['cores']:.2f} |")
     print(f"\nλ (one per weight) sharded over {args.devices} host devices vs replicated\n")
     print("| method | step time ratio | memory per device ratio | replicated memory |")
     print("|---|---|---|---|")
