@@ -610,20 +610,10 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
           zero under every estimator and they never move — e.g. a learning rate given to
           ``optax.inject_hyperparams`` outside a factory, or a λ entry the losses forgot.
         """
-        key = f"unused-{id(train_loss_fn)}-{id(val_loss_fn)}"
-        if key in _WARNED.get(self, ()):
-            return
-
-        def outputs(lam):  # its own trace: nothing is added to the caller's program
-            last = lambda b: b.last() if isinstance(b, Stacked) else b  # noqa: E731
-            new = self.inner(
-                state.params, state.inner_opt_state, lam, last(train_batch), train_loss_fn
-            )
-            return new.params, new.inner_opt_state, val_loss_fn(new.params, lam, last(val_batch))
-
+        warned = _WARNED.get(self, set())  # each check is skipped once its warning is out
         if (
             self.differentiates_inner_step
-            and "singular-inner" not in _WARNED.get(self, ())
+            and "singular-inner" not in warned
             and self.inner.singular_at_zero_gradient(state.params, state.hyperparams)
         ):
             self._warn_once(
@@ -634,6 +624,17 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
                 "NaN there (dead ReLUs, unused weights), and the guard then skips every "
                 "hyper-update. Pass eps_root, e.g. optax.adam(lr, eps_root=1e-12)",
             )
+        key = f"unused-{id(train_loss_fn)}-{id(val_loss_fn)}"
+        if key in warned:
+            return
+
+        def outputs(lam):  # its own trace: nothing is added to the caller's program
+            last = lambda b: b.last() if isinstance(b, Stacked) else b  # noqa: E731
+            new = self.inner(
+                state.params, state.inner_opt_state, lam, last(train_batch), train_loss_fn
+            )
+            return new.params, new.inner_opt_state, val_loss_fn(new.params, lam, last(val_batch))
+
         used = leaves_used(outputs, 0, state.hyperparams)
         paths = jax.tree_util.tree_leaves_with_path(state.hyperparams)
         unused = [

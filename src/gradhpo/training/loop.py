@@ -34,8 +34,7 @@ from gradhpo.core.types import LossFn, PyTree
 from gradhpo.diagnostics import fidelity
 from gradhpo.training import programs
 from gradhpo.training.data import DataExhaustedError, HostSource, Sampler, as_source
-from gradhpo.training.progress import StepBar, progress_enabled
-from gradhpo.training.progress import _tick as progress_advance
+from gradhpo.training.progress import StepBar, advance, progress_enabled
 
 logger = logging.getLogger("gradhpo")
 
@@ -240,7 +239,7 @@ class _Loop:
                 opt, self.tl, self.vl, config, state, window, val_batch, self.lr_hyper
             )
             records.append(rec)
-            progress_advance(config.window_steps)
+            advance(config.window_steps)
         if config.restart:
             phi = programs.reptile(phi, state.params, self.lr_reptile)
         return state, phi, {k: jnp.stack([r[k] for r in records]) for k in records[0]}
@@ -440,7 +439,6 @@ class _Driver:
         self.callback = options["callback"]
         self.fidelity_every = options["fidelity_every"]
         self.hyperparams_every = options["hyperparams_every"]
-        self.strict = options["strict"]
         self.checkpointer = options["checkpointer"]
         self.watch = _Watch(loop.opt, options["stall_after"], options["strict"])
         self.episodes: list[_Episode] = []
@@ -519,10 +517,13 @@ class _Driver:
                 self.commit(done)
                 self.watch.after_episode(done.state, episode, self.result)
                 self.save(force=episode + 1 == self.stop_at)
-                _log_episode(opt, done, self.stop_at)
                 bar.sync((episode + 1 - self.start.episode) * steps)
-                if bar.shown:  # the user asked for feedback: one read per episode
-                    val = float(jnp.mean(done.steps["val_loss"][..., -1]))
+                logging_on = logger.isEnabledFor(logging.INFO)
+                if bar.shown or logging_on:  # the user asked for feedback: one read
+                    summary = _summary(done)
+                    if logging_on:
+                        _log_episode(opt, done, self.stop_at, summary)
+                    val = summary["val_loss"]
                     bar.postfix(episode=f"{episode + 1}/{self.stop_at}", val_loss=f"{val:.4g}")
                 if self.callback is not None:
                     restart = self.loop.config.restart
@@ -533,7 +534,7 @@ class _Driver:
         except KeyboardInterrupt:
             stopped = "interrupted"
         except DataExhaustedError as error:
-            if self.strict:
+            if self.watch.strict:
                 self.save(force=True, stopped="data_exhausted")
                 error.result = self.result("data_exhausted")
                 raise
@@ -552,25 +553,32 @@ class _Driver:
         return f"run as of its last complete episode ({done} episodes done)"
 
 
-def _log_episode(opt, done: _Episode, total: int) -> None:
-    """Per-episode metrics on the ``"gradhpo"`` logger at INFO (read only when enabled)."""
-    if not logger.isEnabledFor(logging.INFO):
-        return
-    last = jax.device_get({k: done.steps[k][..., -1] for k in ("train_loss", "val_loss")})
-    mean = jax.device_get(done.steps["hyper_mean"][..., -1])
-    norm = jax.device_get(jnp.max(done.steps["hypergrad_norm"]))
-    skipped = int(np.sum(~np.asarray(jax.device_get(done.steps["hyper_update"]))))
+def _summary(done: _Episode) -> dict[str, float]:
+    """The episode's last losses, mean λ, largest hypergradient norm and skips: one read."""
+    names = ("train_loss", "val_loss", "hyper_mean", "hypergrad_norm", "hyper_update")
+    steps = jax.device_get({k: done.steps[k] for k in names})
+    return {
+        "train_loss": float(np.mean(steps["train_loss"][..., -1])),
+        "val_loss": float(np.mean(steps["val_loss"][..., -1])),
+        "hyper_mean": float(np.mean(steps["hyper_mean"][..., -1])),
+        "hypergrad_norm": float(np.max(steps["hypergrad_norm"])),
+        "skipped": int(np.sum(~np.asarray(steps["hyper_update"]))),
+    }
+
+
+def _log_episode(opt, done: _Episode, total: int, summary: dict[str, float]) -> None:
+    """Per-episode metrics on the ``"gradhpo"`` logger at INFO."""
     logger.info(
         "%s episode %d/%d: train_loss %.6g, val_loss %.6g, mean λ %.6g, max |hypergrad| %.4g"
         ", %d skipped",
         type(opt).__name__,
         done.index + 1,
         total,
-        float(np.mean(last["train_loss"])),
-        float(np.mean(last["val_loss"])),
-        float(np.mean(mean)),
-        float(norm),
-        skipped,
+        summary["train_loss"],
+        summary["val_loss"],
+        summary["hyper_mean"],
+        summary["hypergrad_norm"],
+        summary["skipped"],
     )
 
 
@@ -708,7 +716,8 @@ def run(
     loop = _Loop(
         optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False, progress
     )
-    key = _run_key(key) if key is not None or not isinstance(state, RunResult) else None
+    if key is not None or not isinstance(state, RunResult):  # a continued run has its own
+        key = _run_key(key)
     start = _start(state, key, loop.config, population=False)
     check_single(start.state, "use run_population for a population of states, or pass one member")
     watch["fidelity_every"] = fidelity_every

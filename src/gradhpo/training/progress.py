@@ -149,7 +149,8 @@ class StepBar:
 _ACTIVE: list[StepBar] = []  # the bar of the run in progress, for the compiled callbacks
 
 
-def _tick(steps) -> None:
+def advance(steps) -> None:
+    """Advance the bar of the run in progress by ``steps`` inner steps (none: nothing)."""
     if _ACTIVE:
         _ACTIVE[-1].advance(int(steps))
 
@@ -162,6 +163,6 @@ def report(window: jax.Array, stride: int, window_steps: int) -> None:
     """
     jax.lax.cond(
         (window + 1) % stride == 0,
-        lambda: jax.debug.callback(_tick, stride * window_steps),
+        lambda: jax.debug.callback(advance, stride * window_steps),
         lambda: None,
     )
