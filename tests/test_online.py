@@ -19,6 +19,7 @@ from problems import (
 from gradhpo import OneStepOptimizer, OnlineHypergradientOptimizer, reverse_hypergradient
 from gradhpo.algorithms._hyperdistill import ema_weights
 from gradhpo.core.inner import InnerStep, validation_grads
+from gradhpo.training import run
 from gradhpo.utils import count_compilations, tree_add, tree_norm, tree_scale
 from gradhpo.utils import tree_lerp as lerp
 
@@ -131,14 +132,16 @@ def test_backward_pass_adjoint_runs_through_the_inner_optimizer_state(x64):
     train, lam = make_quadratic(2.0), {"b": jnp.array([0.3, -0.7])}
     cs, w0 = jnp.asarray(np.random.default_rng(4).normal(size=(6, 3))), jnp.ones(3)
     momentum = optax.sgd(0.1, momentum=0.8)
-    opt = OnlineHypergradientOptimizer(momentum, gamma=0.8, T=6)
+    opt = OnlineHypergradientOptimizer(momentum, gamma=0.8, T=6, theta_adjoint="state")
     fit = opt.fit_theta(opt.init(w0, lam), cs, None, train, quad_val)
     exact = reverse_hypergradient(w0, lam, cs, None, train, quad_val, inner_optimizer=momentum)
     assert rel_err(fit.hypergrad, exact) < 1e-10
 
     batches, val, w0, lam = logreg_setup(T=4)
     adam = optax.adam(0.05)
-    opt = OnlineHypergradientOptimizer(adam, gamma=0.7, T=4, theta_points="trajectory")
+    opt = OnlineHypergradientOptimizer(
+        adam, gamma=0.7, T=4, theta_points="trajectory", theta_adjoint="state"
+    )
     fit = opt.fit_theta(opt.init(w0, lam), batches, val, l2_train_loss, l2_val_with_lam)
     exact = reverse_hypergradient(
         w0, lam, batches, val, l2_train_loss, l2_val_with_lam, inner_optimizer=adam
@@ -451,3 +454,83 @@ def test_bad_calls_are_clear_errors():
             l2_val_loss,
             0.1,
         )
+
+
+# -- θ's open choices: the adjoint, a fixed θ, clipping -----------------------------------
+
+
+def _isotropic(k=0.5):
+    def train(w, lam, b):  # A = (1 - lr k) I for plain SGD, B affine in w
+        return 0.5 * k * jnp.sum(w**2) - jnp.sum(lam * w)
+
+    def val(w, lam, b):
+        return 0.5 * jnp.sum((w - 1.0) ** 2)
+
+    return train, val
+
+
+def test_theta_adjoint_weights_is_one_on_an_isotropic_quadratic_even_with_momentum(x64):
+    train, val = _isotropic()
+    lr, k = 0.2, 0.5
+    inner = optax.sgd(lr, momentum=0.9)
+    kw = dict(gamma=1 - lr * k, T=6, theta_points="trajectory")
+    held = OnlineHypergradientOptimizer(inner, **kw)  # the default: theta_adjoint="weights"
+    through = OnlineHypergradientOptimizer(inner, theta_adjoint="state", **kw)
+    state = held.init(jnp.zeros(3), jnp.ones(3))
+    batches = jnp.zeros((6, 1))
+    # With the momentum state held fixed each step's Jacobian is (1 - lr k) I = γ I, the
+    # distilled direction is exact for it and θ = 1; through the momentum buffer it is not.
+    np.testing.assert_allclose(
+        held.estimate_theta(state, batches, None, train, val), 1.0, rtol=1e-12
+    )
+    assert abs(float(through.estimate_theta(state, batches, None, train, val)) - 1.0) > 0.1
+
+
+def test_theta_adjoint_makes_no_difference_without_an_optimizer_state(x64):
+    train, val = _isotropic()
+
+    def nonlinear(w, lam, b):
+        return train(w, lam, b) + 0.1 * jnp.sum(jnp.sin(w) * lam)
+
+    kw = dict(gamma=0.8, T=5)
+    a = OnlineHypergradientOptimizer(optax.sgd(0.3), theta_adjoint="weights", **kw)
+    b = OnlineHypergradientOptimizer(optax.sgd(0.3), **kw)
+    state = a.init(jnp.full(3, 0.2), jnp.ones(3))
+    batches = jnp.zeros((5, 1))
+    fa = a.fit_theta(state, batches, None, nonlinear, val)
+    fb = b.fit_theta(state, batches, None, nonlinear, val)
+    np.testing.assert_allclose(fa.theta, fb.theta, rtol=1e-12)
+    np.testing.assert_allclose(fa.y, fb.y, rtol=1e-12)
+
+
+def test_a_fixed_theta_has_no_refit_and_a_clip_bounds_the_fit(x64):
+    train, val = _isotropic()
+    fixed = OnlineHypergradientOptimizer(optax.sgd(0.2, momentum=0.9), theta=0.5, T=4)
+    assert fixed.refit is None
+    state = fixed.init(jnp.zeros(2), jnp.ones(2))
+    assert float(state.metadata["theta"]) == 0.5
+    with pytest.raises(ValueError, match="episode_length is required"):
+        run(fixed, state, None, None, train, val, lr_hyper=0.1, progress=False)
+    kw = dict(gamma=0.9, T=6, theta_adjoint="state")
+    free = OnlineHypergradientOptimizer(optax.sgd(0.2, momentum=0.9), **kw)
+    clipped = OnlineHypergradientOptimizer(
+        optax.sgd(0.2, momentum=0.9), theta_clip=(0.0, 0.7), **kw
+    )
+    batches = jnp.zeros((6, 1))
+    theta = float(free.estimate_theta(state, batches, None, train, val))
+    assert theta > 0.7  # the momentum adjoint: θ above 1 here
+    assert float(clipped.estimate_theta(state, batches, None, train, val)) == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"theta_adjoint": "momentum"}, "theta_adjoint must be one of"),
+        ({"theta": -1.0}, "theta"),
+        ({"theta_clip": (1.0, 0.0)}, "theta_clip must have low <= high"),
+        ({"theta": 0.5, "theta_clip": (0.0, 1.0)}, "theta_clip applies to a fitted θ"),
+    ],
+)
+def test_bad_theta_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OnlineHypergradientOptimizer(optax.sgd(0.1), **kwargs)

@@ -126,6 +126,7 @@ def linear_estimation(
     *,
     stored: bool,
     key: jax.Array | None,
+    through_state: bool = True,
 ) -> ThetaFit:
     """Algorithm 4 (LinearEstimation) with λ frozen: forward and backward ``lax.scan``.
 
@@ -139,7 +140,11 @@ def linear_estimation(
         D*_s = D_T, or the mix of D*_{s-1} and D_t with probability p_s (Eq. 14)
         v_s = α_T ∂Φ(w*_s, ŝ_{T-1}, λ; D*_s)/∂λ,  x_s = ‖v_s‖ S_s,  y_s = (v_s/‖v_s‖)·g_SO
 
-    and ``θ = (x·y)/(x·x)``. Each sample is what the online estimator of Algorithm 3 gives at
+    and ``θ = (x·y)/(x·x)``. With ``through_state=False`` the adjoint skips the optimizer
+    state: each step's Jacobian is taken with its state held fixed (``α ← α ∂w'/∂w``, the
+    view the online step takes of ``∂Φ/∂λ``; for SGD with momentum, plain SGD's
+    ``I - lr H``), so the momentum buffer's memory of earlier steps is left out of
+    ``g_SO``. Each sample is what the online estimator of Algorithm 3 gives at
     the end of a window of ``s`` steps: the inner state and (undistilled) batch of the last
     step, ``s_{T-1}`` and ``D_T``. Where every ``v_s`` is zero the fit is undefined and
     ``theta`` is NaN (0/0; the caller decides).
@@ -190,6 +195,8 @@ def linear_estimation(
         alpha_w, alpha_s, alpha_B = inner.state_vjp(
             w_prev, s_prev, lam, batch, train_loss_fn, alpha_w, alpha_s
         )
+        if not through_state:  # the state held fixed: no adjoint flows through it
+            alpha_s = jax.tree.map(jnp.zeros_like, alpha_s)
         g_so = tree_add(g_so, alpha_B)  # g_SO now covers the last s steps
         S_s, p_s = ema_weights(gamma, S_prev, backward=True)  # Eq. 17
         w_star = tree_lerp(p_s, w_star, w_prev)

@@ -51,6 +51,7 @@ from gradhpo.utils.tree import (
 __all__ = ["OnlineHypergradientOptimizer", "ThetaFit"]
 
 _THETA_POINTS = ("interpolated", "trajectory")
+_THETA_ADJOINTS = ("state", "weights")
 #: Metadata keys that exist only with ``distill_batch=True``.
 _DISTILL_KEYS = ("distilled_batch", "key")
 #: Counter of θ fits (Algorithm 4) that came out non-finite and kept the previous θ.
@@ -107,8 +108,23 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
         paper's): DrMAD's line ``ŵ_{t-1}`` between ``w_0`` and ``w_T`` (optimizer state
         likewise), for both the Jacobians and the EMA point of Eq. 17, memory O(P).
         ``"trajectory"``: the stored forward trajectory for both, memory O(T·P); the
-        backward pass is then exact reverse mode. Both use one set of points throughout,
-        so θ = 1 whenever ``A_t = γI`` and ``B`` is affine in w.
+        backward pass is then exact reverse mode (with ``theta_adjoint="state"``). Both
+        use one set of points throughout, so θ = 1 whenever ``A_t = γI`` and ``B`` is
+        affine in w.
+      theta_adjoint: how Algorithm 4's backward pass treats a stateful inner optimizer.
+        ``"weights"`` (the default): each step's Jacobian with its optimizer state held
+        fixed (with momentum, plain SGD's ``I - lr H``), the same view of Φ that the online
+        step's ``v_t`` takes, so that θ fits like with like. ``"state"``: through the full
+        ``(w, s)`` step, momentum's memory of earlier steps included (with
+        ``theta_points="trajectory"`` the backward pass is then exact reverse mode).
+        Identical for a stateless inner optimizer (plain SGD). On the sinusoid of Lee et
+        al. (App. G; inner SGD with momentum 0.9) ``"state"`` fits θ ≈ 1.5-3.5, which
+        pushes the features past the inner SGD's stability limit in most runs, while
+        ``"weights"`` fits θ ≈ 0.6-1.3 and reproduces the paper's meta-test MSE (the
+        ``gradhpo bench metalearning`` report).
+      theta: a fixed θ instead of Algorithm 4: no refit (the loops then need an
+        ``episode_length``), ``metadata["theta"]`` starts at this value.
+      theta_clip: ``(low, high)``: clip each fitted θ into this interval.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -144,10 +160,31 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
         distill_batch: bool = False,
         unit_direction: bool = False,
         theta_points: str = "interpolated",
+        theta_adjoint: str = "weights",
+        theta: float | None = None,
+        theta_clip: tuple[float, float] | None = None,
     ):
         gamma = real_in("gamma", gamma, 0.0, 1.0)
         if theta_points not in _THETA_POINTS:
             raise ValueError(f"theta_points must be one of {_THETA_POINTS}, got {theta_points!r}")
+        if theta_adjoint not in _THETA_ADJOINTS:
+            raise ValueError(
+                f"theta_adjoint must be one of {_THETA_ADJOINTS}, got {theta_adjoint!r}"
+            )
+        if theta is not None:
+            theta = real_in("theta", theta, 0.0, float("inf"))
+            if theta_clip is not None:
+                raise ValueError("theta_clip applies to a fitted θ: drop it with a fixed theta")
+        if theta_clip is not None:
+            try:
+                low, high = (float(v) for v in theta_clip)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"theta_clip must be a pair (low, high), got {theta_clip!r}"
+                ) from None
+            if not low <= high:
+                raise ValueError(f"theta_clip must have low <= high, got {theta_clip!r}")
+            theta_clip = (low, high)
         super().__init__(inner_optimizer, outer_optimizer, update_fn)
         self.gamma = float(gamma)
         self.estimation_period = positive_int("estimation_period", estimation_period)
@@ -155,8 +192,13 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
         self.distill_batch = flag("distill_batch", distill_batch)
         self.unit_direction = flag("unit_direction", unit_direction)
         self.theta_points = theta_points
-        # Algorithm 3, line 1: the loops refit θ every estimation_period episodes.
-        self.refit = Refit(self.estimation_period, self.T, self.refit_theta, FAILED_FITS_KEY)
+        self.theta_adjoint = theta_adjoint
+        self.theta = None if theta is None else float(theta)
+        self.theta_clip = theta_clip
+        # Algorithm 3, line 1: the loops refit θ every estimation_period episodes (unless
+        # θ is fixed).
+        if self.theta is None:
+            self.refit = Refit(self.estimation_period, self.T, self.refit_theta, FAILED_FITS_KEY)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -218,7 +260,7 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
         return {
             "S_t": jnp.zeros((), dtype),
             "w_star": params,
-            "theta": jnp.ones((), dtype),
+            "theta": jnp.full((), 1.0 if self.theta is None else self.theta, dtype),
             FAILED_FITS_KEY: jnp.zeros((), jnp.int32),
         }
 
@@ -424,10 +466,14 @@ class OnlineHypergradientOptimizer(OnlineOptimizer):
             val_loss_fn,
             stored=self.theta_points == "trajectory",
             key=key,
+            through_state=self.theta_adjoint == "state",
         )
         # Every v_s = 0 leaves θ undefined (and irrelevant): keep the state's. A non-finite
         # fit keeps it too, and refit_theta counts it.
         failed = ~all_finite((fit.theta, fit.x, fit.y))
         defined = jnp.dot(fit.x, fit.x) > 0
-        theta = jnp.where(defined & ~failed, fit.theta, state.metadata["theta"])
+        fitted = fit.theta
+        if self.theta_clip is not None:
+            fitted = jnp.clip(fitted, *self.theta_clip)
+        theta = jnp.where(defined & ~failed, fitted, state.metadata["theta"])
         return fit._replace(theta=theta.astype(state.metadata["theta"].dtype)), failed

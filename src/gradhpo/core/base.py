@@ -52,6 +52,10 @@ COUNTER_KEYS = ("skipped_hyper_updates", "skipped_inner_updates", "consecutive_s
 STALL_KEY = "consecutive_skips"
 #: Inner steps accepted since the episode began (``new_episode`` sets it to 0).
 EPISODE_KEY = "episode_step"
+#: The safeguard's limits (``inf``: off) and its counter of the hyper-updates it skipped
+#: (see :meth:`BilevelOptimizer.with_safeguard`).
+SAFEGUARD_KEYS = ("max_hypergrad_norm", "max_loss")
+SAFEGUARD_COUNTER = "safeguard_skips"
 
 # Warnings already given, per optimizer (the optimizers themselves are never mutated).
 _WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -315,7 +319,9 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         hyperparams = _float_tree("hyperparams", hyperparams)
         dtype = jnp.result_type(*jax.tree.leaves(params))
         metadata = {key: jnp.full((), jnp.nan, dtype) for key in METRIC_KEYS}
-        metadata.update({key: jnp.zeros((), jnp.int32) for key in (*COUNTER_KEYS, EPISODE_KEY)})
+        metadata.update({key: jnp.full((), jnp.inf, dtype) for key in SAFEGUARD_KEYS})
+        counters = (*COUNTER_KEYS, SAFEGUARD_COUNTER, EPISODE_KEY)
+        metadata.update({key: jnp.zeros((), jnp.int32) for key in counters})
         metadata.update(self._init_metadata(params, hyperparams))
         outer_state = None
         if self.outer_optimizer is not None:
@@ -367,6 +373,63 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
             metadata=metadata,
         )
 
+    @staticmethod
+    def with_safeguard(
+        state: BilevelState,
+        *,
+        max_hypergrad_norm: float | None = None,
+        max_loss: float | None = None,
+    ) -> BilevelState:
+        """The state with the safeguard against finite blow-ups set (``None``: that limit off).
+
+        The non-finite guard of :meth:`apply` cannot see a blow-up that stays finite: a
+        hypergradient of 1e17 passes it and then dominates an adaptive outer optimizer's
+        moment estimates (Adam's second moment) for thousands of steps. With a limit set,
+        a hyper-update whose hypergradient norm exceeds ``max_hypergrad_norm``, or whose
+        training or validation loss exceeds ``max_loss``, is skipped whole exactly like a
+        non-finite one (weights, inner state, λ and outer state kept) and counted in
+        ``metadata["safeguard_skips"]`` (and in ``"skipped_hyper_updates"`` and
+        ``"consecutive_skips"``, so that a run stuck behind the limit is reported as
+        stalled). The limits live in the state (``metadata["max_hypergrad_norm"]``,
+        ``metadata["max_loss"]``, ``inf`` when off), so changing them never recompiles and
+        they are saved with checkpoints. Off by default.
+
+        Args:
+          state: a state of any optimizer.
+          max_hypergrad_norm: the largest accepted global norm of the hypergradient, > 0,
+            or ``None`` (no limit).
+          max_loss: the largest accepted training or validation loss of the step, or
+            ``None`` (no limit).
+
+        Returns:
+          A new :class:`~gradhpo.core.state.BilevelState`.
+
+        Example:
+          >>> import jax.numpy as jnp, optax, gradhpo
+          >>> opt = gradhpo.OneStepOptimizer(optax.sgd(0.1))
+          >>> train = lambda w, lam, b: jnp.sum((w - b) ** 2) + jnp.sum(jnp.exp(lam) * w**2)
+          >>> val = lambda w, lam, b: 1e6 * jnp.sum((w - b) ** 2)
+          >>> state = opt.with_safeguard(opt.init(jnp.ones(2), jnp.zeros(2)),
+          ...                            max_hypergrad_norm=10.0)
+          >>> new = opt.step(state, jnp.zeros(2), jnp.zeros(2), train, val, 0.1)
+          >>> bool(jnp.all(new.hyperparams == 0)), int(new.metadata["safeguard_skips"])
+          (True, 1)
+        """
+        metadata = dict(state.metadata)
+        for name, value in (("max_hypergrad_norm", max_hypergrad_norm), ("max_loss", max_loss)):
+            if name not in metadata:
+                raise ValueError(f"state.metadata lacks {name!r}: create the state with init")
+            if value is None:
+                value = jnp.inf
+            elif isinstance(value, bool) or not isinstance(value, _ARRAY_LIKE) or jnp.ndim(value):
+                raise TypeError(f"{name} must be a number or None, got {value!r}")
+            elif name == "max_hypergrad_norm" and not float(value) > 0:
+                raise ValueError(f"max_hypergrad_norm must be > 0 (or None), got {value!r}")
+            elif jnp.isnan(value):
+                raise ValueError(f"{name} must not be NaN")
+            metadata[name] = jnp.full_like(metadata[name], value)
+        return state.update(metadata=metadata)
+
     # -- the seam -------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -397,8 +460,11 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         keeps all of them, and the episode counter, as they were. The skip is counted:
         ``"skipped_hyper_updates"`` + 1, ``"consecutive_skips"`` + 1 (reset to 0 by the next
         accepted update), and ``"skipped_inner_updates"`` + 1 where the new weights or
-        inner state were the non-finite part. The metrics (``"train_loss"``,
-        ``"val_loss"``, ``"hypergrad_norm"``) are written either way, so a skip shows.
+        inner state were the non-finite part. The safeguard (:meth:`with_safeguard`, off by
+        default) skips a finite update the same way when the hypergradient's norm or a loss
+        exceeds its limit, and counts it in ``"safeguard_skips"`` as well. The metrics
+        (``"train_loss"``, ``"val_loss"``, ``"hypergrad_norm"``) are written either way, so a
+        skip shows.
         ``state.step`` advances either way (it counts the inner steps attempted).
         Traceable.
 
@@ -437,6 +503,13 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
         # must be representable too, so that no second-moment estimate can overflow.
         ok = inner_ok & all_finite((estimate.hypergrad, hypergrad_norm, new_hyper, new_outer))
         ok = ok & all_finite(algorithm)
+        # The safeguard: finite blow-ups past the state's limits (inf: off) are skipped too.
+        md = base.metadata
+        blown = hypergrad_norm > md["max_hypergrad_norm"]
+        losses = jnp.maximum(estimate.train_loss, estimate.val_loss)
+        blown = blown | (losses > md["max_loss"])
+        guarded = ok & blown
+        ok = ok & ~blown
         params = tree_select(ok, estimate.params, base.params)
         inner_state = tree_select(ok, estimate.inner_opt_state, base.inner_opt_state)
         hyperparams = tree_select(ok, new_hyper, base.hyperparams)
@@ -454,6 +527,7 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
             metadata[key] = jnp.asarray(value, metadata[key].dtype)
         metadata["skipped_hyper_updates"] = metadata["skipped_hyper_updates"] + (~ok)
         metadata["skipped_inner_updates"] = metadata["skipped_inner_updates"] + (~inner_ok)
+        metadata[SAFEGUARD_COUNTER] = metadata[SAFEGUARD_COUNTER] + guarded
         metadata[STALL_KEY] = jnp.where(ok, 0, metadata[STALL_KEY] + 1).astype(jnp.int32)
         steps = jnp.asarray(estimate.num_steps, jnp.int32)
         metadata[EPISODE_KEY] = metadata[EPISODE_KEY] + jnp.where(ok, steps, 0)
@@ -541,7 +615,14 @@ class BilevelOptimizer(metaclass=_ImmutableAfterInit):
     def init_metadata_keys(self, params: PyTree, hyperparams: PyTree) -> set[str]:
         """Every metadata key this optimizer's ``init`` creates."""
         shapes = jax.eval_shape(self._init_metadata, params, hyperparams)
-        return {*METRIC_KEYS, *COUNTER_KEYS, EPISODE_KEY, *shapes}
+        return {
+            *METRIC_KEYS,
+            *COUNTER_KEYS,
+            *SAFEGUARD_KEYS,
+            SAFEGUARD_COUNTER,
+            EPISODE_KEY,
+            *shapes,
+        }
 
     def _outer_update(
         self, state: BilevelState, hypergrad: PyTree, lr_hyper: Any

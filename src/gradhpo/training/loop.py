@@ -317,8 +317,9 @@ class _Watch:
         self.stalled = True
         message = (
             f"episode {episode}: the last {skips} hyper-updates of {type(self.opt).__name__} "
-            "were all skipped by the non-finite guard (metadata['consecutive_skips']), so "
-            "λ no longer moves. Typical causes: λ reached a region where the losses or "
+            "were all skipped by the non-finite guard or the safeguard "
+            "(metadata['consecutive_skips'], metadata['safeguard_skips']), so λ no longer "
+            "moves. Typical causes: λ reached a region where the losses or "
             "their gradients are NaN or overflow (e.g. exp(λ)), or the data hold NaNs; a "
             "smaller hyper step size, a bounded parametrisation of λ, or "
             "optax.clip_by_global_norm in the outer optimizer may help"
