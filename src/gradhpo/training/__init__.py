@@ -3,6 +3,7 @@
 from gradhpo.training.data import (
     DataExhaustedError,
     Sampler,
+    Tasks,
     fixed_batch,
     minibatches,
     sharded_minibatches,
@@ -23,6 +24,7 @@ __all__ = [
     "RunResult",
     "Sampler",
     "StalledRunError",
+    "Tasks",
     "fixed_batch",
     "minibatches",
     "run",

@@ -306,3 +306,103 @@ def as_source(data: Any, name: str) -> Sampler | HostSource:
     if data is not None and not jax.tree.leaves(data):
         raise ValueError(f"{name} must be a Sampler, a batch of arrays, a callable or an iterator")
     return fixed_batch(data)
+
+
+@jax.tree_util.register_pytree_node_class
+class Tasks:
+    """A jittable task distribution for meta-learning: ``run(opt, state, tasks, None, ...)``.
+
+    Every episode of :func:`~gradhpo.training.run` given a ``Tasks`` source draws a
+    *meta-batch* of ``meta_batch_size`` tasks that stay fixed for the whole episode. Each
+    task adapts its own copy of the weights from the meta-initialisation φ (support batches
+    drawn from that task at every inner step) while all of them share λ: every
+    hyper-update applies the meta-batch mean of the tasks' hypergradients, and Reptile
+    moves φ towards the mean of the adapted weights. The meta-batch runs as one
+    ``vmap``-ped compiled program.
+
+    Args:
+      sample_fn: ``sample_fn(data, key) -> task``, jittable: one task (any pytree of
+        arrays of fixed shapes, e.g. a sinusoid's amplitude, phase and support inputs).
+      train_batch: ``train_batch(task, key) -> batch``: the support batch of one inner
+        step (return the task's whole support set for full-batch adaptation).
+      val_batch: ``val_batch(task, key) -> batch``: the query batch of one hyper-update.
+      data: arrays ``sample_fn`` reads (``None`` when it needs none); a pytree child,
+        passed to compiled programs as an argument.
+      meta_batch_size: tasks per episode, B ≥ 1.
+
+    The functions are static (hashed as given: define them once). Randomness: episode e
+    draws its tasks from one key and gives task b its own key stream for the batches; a
+    run is a pure function of its key.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from gradhpo.training import Tasks
+      >>> def sample(data, key):  # a task: a target vector
+      ...     return {"target": jax.random.normal(key, (3,))}
+      >>> def support(task, key):
+      ...     return task["target"] + 0.1 * jax.random.normal(key, (3,))
+      >>> def query(task, key):
+      ...     return task["target"]
+      >>> tasks = Tasks(sample, support, query, meta_batch_size=4)
+      >>> jax.tree.map(jnp.shape, tasks.sample(jax.random.PRNGKey(0)))
+      {'target': (4, 3)}
+    """
+
+    def __init__(
+        self,
+        sample_fn: Callable[[PyTree, jax.Array], PyTree],
+        train_batch: Callable[[PyTree, jax.Array], Batch],
+        val_batch: Callable[[PyTree, jax.Array], Batch],
+        data: PyTree = None,
+        *,
+        meta_batch_size: int = 1,
+    ):
+        for name, fn in (
+            ("sample_fn", sample_fn),
+            ("train_batch", train_batch),
+            ("val_batch", val_batch),
+        ):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        self.sample_fn, self.train_batch, self.val_batch = sample_fn, train_batch, val_batch
+        self.data = data
+        self.meta_batch_size = positive_int("meta_batch_size", meta_batch_size)
+
+    def sample(self, key: jax.Array) -> PyTree:
+        """``meta_batch_size`` tasks stacked along a leading axis, from ``split(key, B)``.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from gradhpo.training import Tasks
+          >>> tasks = Tasks(lambda data, key: jax.random.normal(key, (2,)),
+          ...               lambda task, key: task, lambda task, key: task, meta_batch_size=3)
+          >>> tasks.sample(jax.random.PRNGKey(0)).shape
+          (3, 2)
+        """
+        keys = jax.random.split(key, self.meta_batch_size)
+        return jax.vmap(self.sample_fn, in_axes=(None, 0))(self.data, keys)
+
+    def samplers(self, task: PyTree) -> tuple[Sampler, Sampler]:
+        """The (training, validation) batch samplers of one task.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from gradhpo.training import Tasks
+          >>> tasks = Tasks(lambda data, key: jnp.ones(2),
+          ...               lambda task, key: 2 * task, lambda task, key: 3 * task)
+          >>> train, val = tasks.samplers(jnp.ones(2))
+          >>> train(jax.random.PRNGKey(0)), val(jax.random.PRNGKey(0))
+          (Array([2., 2.], dtype=float32), Array([3., 3.], dtype=float32))
+        """
+        return Sampler(self.train_batch, task), Sampler(self.val_batch, task)
+
+    def tree_flatten(self):
+        aux = (self.sample_fn, self.train_batch, self.val_batch, self.meta_batch_size)
+        return (self.data,), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.sample_fn, obj.train_batch, obj.val_batch, obj.meta_batch_size = aux
+        obj.data = children[0]
+        return obj

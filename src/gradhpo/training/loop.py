@@ -33,7 +33,7 @@ from gradhpo.core.state import BilevelState, check_single
 from gradhpo.core.types import LossFn, PyTree
 from gradhpo.diagnostics import fidelity
 from gradhpo.training import programs
-from gradhpo.training.data import DataExhaustedError, HostSource, Sampler, as_source
+from gradhpo.training.data import DataExhaustedError, HostSource, Sampler, Tasks, as_source
 from gradhpo.training.progress import StepBar, advance, progress_enabled
 
 logger = logging.getLogger("gradhpo")
@@ -96,6 +96,7 @@ class RunOptions(NamedTuple):
       lr_hyper: a float, a scalar array, a schedule ``n -> lr`` or ``None``.
       hyper_update_every: k ≥ 1 step calls per hyper-update (online optimizers).
       lr_reptile: ``None`` (no restarts) or η_Reptile ∈ [0, 1].
+      warmup_steps: plain inner steps (λ fixed) at the start of every episode, ≥ 0.
     """
 
     num_episodes: int = 1
@@ -103,6 +104,7 @@ class RunOptions(NamedTuple):
     lr_hyper: Any = None
     hyper_update_every: int = 1
     lr_reptile: float | None = None
+    warmup_steps: int = 0
 
     def config(self, opt: BilevelOptimizer) -> programs.Config:
         """Check the options against ``opt``; the static program configuration.
@@ -133,6 +135,10 @@ class RunOptions(NamedTuple):
             isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0
         ):
             raise ValueError(f"lr_reptile must be None or in [0, 1], got {eta!r}")
+        warmup = self.warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup!r}")
+        warmup = int(warmup)
         if isinstance(opt, WindowOptimizer):
             if every != 1:
                 raise ValueError(
@@ -142,7 +148,12 @@ class RunOptions(NamedTuple):
                     "unroll_steps instead"
                 )
             return programs.Config(
-                length, 1, opt.unroll_steps, self.lr_reptile is not None, self._schedule()
+                length,
+                1,
+                opt.unroll_steps,
+                self.lr_reptile is not None,
+                self._schedule(),
+                warmup=warmup,
             )
         if length % every:
             raise ValueError(
@@ -150,7 +161,12 @@ class RunOptions(NamedTuple):
                 "every window of hyper_update_every inner steps ends with a hyper-update"
             )
         return programs.Config(
-            length // every, every, every, self.lr_reptile is not None, self._schedule()
+            length // every,
+            every,
+            every,
+            self.lr_reptile is not None,
+            self._schedule(),
+            warmup=warmup,
         )
 
     def _schedule(self) -> Callable | None:
@@ -173,11 +189,23 @@ class _Loop:
         config = options.config(opt)
         self.opt, self.tl, self.vl = opt, tl, vl
         opt.note_loss_functions(tl, vl)  # a new lambda per run compiles the run again
-        self.train = as_source(train_data, "train_data")
-        self.val = as_source(val_data, "val_data")
+        self.tasks = train_data if isinstance(train_data, Tasks) else None
+        if self.tasks is not None:
+            self.train = self.val = None
+            _check_meta(options, val_data, vmapped)
+        else:
+            self.train = as_source(train_data, "train_data")
+            self.val = as_source(val_data, "val_data")
         self.lr_hyper = options.traced_lr()
         self.lr_reptile = options.lr_reptile if options.lr_reptile is not None else 0.0
-        self.jittable = isinstance(self.train, Sampler) and isinstance(self.val, Sampler)
+        self.jittable = self.tasks is not None or (
+            isinstance(self.train, Sampler) and isinstance(self.val, Sampler)
+        )
+        if config.warmup and not self.jittable:
+            raise ValueError(
+                "warmup_steps needs jittable data: a gradhpo.training.Sampler or a fixed batch "
+                "for train_data and val_data (or a Tasks source)"
+            )
         self.show = progress_enabled(progress)
         if self.show and self.jittable:  # the bar advances from inside the compiled episode
             config = config._replace(ticks=max(1, config.windows // _TICKS_PER_EPISODE))
@@ -204,11 +232,13 @@ class _Loop:
         """Episode ``episode`` of the run keyed ``key``: (state, φ, window records)."""
         if not self.jittable:
             return self.host_episode(state, phi, programs.episode_keys(key, episode)[1])
-        args = (self.train, self.val, self.lr_hyper, self.lr_reptile)
-        return self.episode_fn(state, phi, key, episode, *args)
+        train, val = (self.tasks, None) if self.tasks is not None else (self.train, self.val)
+        return self.episode_fn(state, phi, key, episode, train, val, self.lr_hyper, self.lr_reptile)
 
     def refit(self, state, key, episode):
         """The optimizer's refit (HyperDistill: θ) on freshly drawn batches."""
+        if self.tasks is not None:
+            return self.refit_fn(state, key, episode, self.tasks, None)
         if self.jittable:
             return self.refit_fn(state, key, episode, self.train, self.val)
         k_refit = programs.episode_keys(key, episode)[0]
@@ -243,6 +273,26 @@ class _Loop:
         if config.restart:
             phi = programs.reptile(phi, state.params, self.lr_reptile)
         return state, phi, {k: jnp.stack([r[k] for r in records]) for k in records[0]}
+
+
+def _check_meta(options: RunOptions, val_data: Any, vmapped: bool) -> None:
+    """The options a :class:`~gradhpo.training.data.Tasks` source needs."""
+    if vmapped:
+        raise ValueError(
+            "run_population does not take a Tasks source: a meta-batch is already one "
+            "vmapped program (run(optimizer, state, tasks, None, ...))"
+        )
+    if val_data is not None:
+        raise ValueError(
+            "val_data must be None with a Tasks source: each task's query batches come from "
+            "its val_batch function"
+        )
+    if options.lr_reptile is None:
+        raise ValueError(
+            "lr_reptile is required with a Tasks source: every episode restarts the tasks' "
+            "weights from the meta-initialisation φ (1: φ becomes the meta-batch mean of the "
+            "adapted weights, as in Reptile with η = 1; 0: φ stays fixed)"
+        )
 
 
 #: The records of ``run(..., fidelity_every=N)``, one per evaluation.
@@ -508,7 +558,7 @@ class _Driver:
 
     def run(self) -> RunResult:
         opt, config = self.loop.opt, self.loop.config
-        steps = config.windows * config.window_steps  # inner steps per episode
+        steps = config.episode_steps  # inner steps per episode
         total = (self.stop_at - self.start.episode) * steps
         bar = StepBar(total, type(opt).__name__, self.loop.show)
         stopped = None
@@ -596,6 +646,7 @@ def run(
     lr_hyper: Any = None,
     hyper_update_every: int = 1,
     lr_reptile: float | None = None,
+    warmup_steps: int = 0,
     key: jax.Array | None = None,
     callback: Callable[[int, BilevelState, dict[str, jax.Array]], None] | None = None,
     progress: bool | None = None,
@@ -621,6 +672,15 @@ def run(
     ``estimation_period`` episodes) has it run at episodes 0, P, 2P, … on freshly drawn
     batches, after the episode's restart.
 
+    Meta-learning: a :class:`~gradhpo.training.data.Tasks` source as ``train_data`` (with
+    ``val_data=None`` and ``lr_reptile`` set) makes every episode a meta-batch of tasks,
+    fixed for the episode, each adapting its own weights from φ on its support batches
+    while all share λ: every hyper-update applies the meta-batch mean of the tasks'
+    hypergradients (one ``vmap``-ped program), a non-finite value in any task skips it for
+    all, Reptile moves φ towards the mean adapted weights, and the refit (θ) runs on a fresh
+    meta-batch (each task's fit, averaged). ``state.params`` is then the mean adapted
+    weights of the last episode and the history holds meta-batch means.
+
     Data: a :class:`~gradhpo.training.data.Sampler` or a fixed batch runs every episode as
     one compiled ``lax.scan`` over its windows; a callable ``() -> batch``, an iterator, a
     list of batches or a data loader (any iterable, read in passes) runs one jitted call per
@@ -641,7 +701,8 @@ def run(
       state: the initial state (``optimizer.init``; its ``params`` are the first φ), or
         the :class:`RunResult` of an earlier call (or of
         :meth:`~gradhpo.checkpoint.Checkpointer.restore`) to continue.
-      train_data, val_data: batch sources (see above).
+      train_data, val_data: batch sources (see above), or a
+        :class:`~gradhpo.training.data.Tasks` source and ``None``.
       train_loss_fn, val_loss_fn: ``loss(params, hyperparams, batch) -> scalar``.
       num_episodes: M ≥ 1.
       episode_length: step calls per episode, a multiple of ``hyper_update_every``
@@ -653,6 +714,9 @@ def run(
         by the window's inner steps). Must be ``None`` with an ``outer_optimizer``.
       hyper_update_every: k ≥ 1, update λ at every k-th step call (online optimizers).
       lr_reptile: ``None`` (no restarts) or η_Reptile ∈ [0, 1].
+      warmup_steps: k ≥ 0 plain inner steps (λ fixed, seen by no estimator) at the start
+        of every episode, before its windows: hyper-updates only in the last steps of an
+        episode (the online N.IFT of Lee et al.). Needs jittable data.
       key: PRNG key for the samplers (default ``PRNGKey(0)``; a continued run keeps its
         own).
       callback: ``callback(episode, state, records)`` after every episode (host side):
@@ -712,8 +776,12 @@ def run(
     """
     if fidelity_every is not None:
         fidelity_every = positive_int("fidelity_every", fidelity_every)
+        if isinstance(train_data, Tasks):
+            raise ValueError("fidelity_every is not available with a Tasks source")
     watch = _watch_options(hyperparams_every, stall_after, strict, callback, checkpointer)
-    options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
+    options = RunOptions(
+        num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile, warmup_steps
+    )
     loop = _Loop(
         optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, False, progress
     )
@@ -792,6 +860,7 @@ def run_population(
     lr_hyper: Any = None,
     hyper_update_every: int = 1,
     lr_reptile: float | None = None,
+    warmup_steps: int = 0,
     callback: Callable[[int, BilevelState, dict[str, jax.Array]], None] | None = None,
     progress: bool | None = None,
     hyperparams_every: int | None = 1,
@@ -814,9 +883,10 @@ def run_population(
     resumable and
     interrupt-safe as :func:`run` is: pass its result as ``states`` to continue it. The
     arguments not listed below (``train_data``, ``val_data``, the losses, ``num_episodes``,
-    ``episode_length``, ``lr_hyper``, ``hyper_update_every``, ``lr_reptile``, ``callback``,
-    ``progress``, ``hyperparams_every``, ``stall_after``, ``strict``, ``checkpointer``) are
-    as for :func:`run`; a stall is the maximum over the members.
+    ``episode_length``, ``lr_hyper``, ``hyper_update_every``, ``lr_reptile``,
+    ``warmup_steps``, ``callback``, ``progress``, ``hyperparams_every``, ``stall_after``,
+    ``strict``, ``checkpointer``) are as for :func:`run`; a stall is the maximum over the
+    members.
 
     Args:
       optimizer: any :class:`~gradhpo.core.base.BilevelOptimizer`.
@@ -847,7 +917,9 @@ def run_population(
       Lee et al., ICLR 2022, Algorithm 3.
     """
     watch = _watch_options(hyperparams_every, stall_after, strict, callback, checkpointer)
-    options = RunOptions(num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile)
+    options = RunOptions(
+        num_episodes, episode_length, lr_hyper, hyper_update_every, lr_reptile, warmup_steps
+    )
     loop = _Loop(
         optimizer, train_data, val_data, train_loss_fn, val_loss_fn, options, True, progress
     )
