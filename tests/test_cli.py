@@ -56,8 +56,13 @@ def test_bench_quick_writes_a_report_and_a_plot(name, tmp_path, capsys):
     assert "wrote" in printed and f"{stem}.md" in printed
     rows = [row for table in tables for row in table]
     labels = {row.get("method", row.get("estimator", row.get("search"))) for row in rows}
-    if name in ("cleaning", "metalearning"):
+    if name == "cleaning":
         assert {"no tuning", "Greedy", "HyperDistill", "exact (reverse mode)"} <= labels
+    if name == "metalearning":  # App. G's methods, the paper's numbers and the stability
+        assert {"FO", "One-Step", "DrMAD (offline)", "N.IFT(3, 5)", "HyperDistill"} <= labels
+        main_rows = [row for row in tables[0] if row["method"] == "HyperDistill"]
+        assert main_rows[0]["paper"] == "0.327 ± 0.052"
+        assert all(_number(row["max lr·λ_max"]) > 0 for row in tables[0])
     if name == "cleaning":
         assert any(label.startswith("random search") for label in labels)
         for row in rows:  # mean ± interval of accuracies in percent
@@ -143,30 +148,41 @@ def _write_tiny_mnist(folder: pathlib.Path, n_train=80, n_test=30, side=8):
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
 
 
-def test_cleaning_on_idx_files_reports_both_accuracies_and_the_paper(tmp_path):
+@pytest.mark.parametrize("restart", ["reset", "warm"])
+def test_cleaning_on_idx_files_runs_the_papers_protocol(tmp_path, restart):
     _write_tiny_mnist(tmp_path / "mnist")
     out = tmp_path / "out"
-    argv = [
-        "bench",
-        "cleaning",
-        "--quick",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(tmp_path / "mnist"),
-        "--methods",
-        "none,t1t2,greedy",
-        "--out",
-        str(out),
-    ]
+    argv = ["bench", "cleaning", "--quick", "--dataset", "mnist", "--restart", restart]
+    argv += ["--seeds", "1", "--data-dir", str(tmp_path / "mnist"), "--out", str(out)]
     assert _run(argv) == 0
     (table,) = _check_outputs(out, "cleaning")
     by = {row["method"]: row for row in table}
-    assert by["Greedy"]["paper (tuning split)"] == "87.06"
+    assert set(by) == {
+        "no tuning",
+        "T1-T2 (exact one-step)",
+        "IFT(5) (Neumann)",
+        "Greedy (γ = 0.9)",
+        "exact (reverse mode, T steps)",
+    }
+    assert by["Greedy (γ = 0.9)"]["paper (tuning split)"] == "87.06"
     assert by["no tuning"]["paper (tuning split)"] == "70.46"
-    assert by["IFT(5) (paper only)"]["paper (tuning split)"] == "71.97"
-    assert "acc on tuning split (%)" in by["Greedy"] and "One-Step" not in by
-    assert "conv net" in (out / "cleaning.md").read_text()
+    assert by["IFT(5) (Neumann)"]["paper (tuning split)"] == "71.97"
+    for row in table:
+        assert 0.0 <= _number(row["acc on tuning split (%)"]) <= 100.0
+        assert 0.0 <= _number(row["held-out acc (%)"]) <= 100.0
+    text = (out / "cleaning.md").read_text()
+    assert "conv net" in text and f"--restart {restart}" in text
+    assert "Greedy − no tuning on the tuning split" in text and "(paper +16.60)" in text
+
+
+def test_the_papers_protocol_refuses_a_method_list(tmp_path, capsys):
+    _write_tiny_mnist(tmp_path / "mnist")
+    argv = ["bench", "cleaning", "--quick", "--dataset", "mnist", "--methods", "none"]
+    argv += ["--data-dir", str(tmp_path / "mnist"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "--methods" in capsys.readouterr().err
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):

@@ -110,11 +110,17 @@ def task_fns(model: Model, batch_size: int | None) -> TaskFns:
 
 
 def make_task(
-    data: CleaningData, model: str, seed: int, batch_size: int | None = None
+    data: CleaningData,
+    model: str,
+    seed: int,
+    batch_size: int | None = None,
+    reptile_lr: float | None = None,
 ) -> tuple[Task, Model]:
     """The hyper-cleaning :class:`~gradhpo_bench.loop.Task` for ``data``.
 
     λ starts at 0 (every weight σ(0) = ½); the model's weights from ``PRNGKey(seed)``.
+    ``reptile_lr=0.0`` restarts the weights from that initialisation every outer step
+    (``None``: one continuing trajectory).
 
     Example:
       >>> import numpy as np
@@ -138,7 +144,7 @@ def make_task(
     }
     params0 = m.init(jax.random.PRNGKey(seed))
     hyper0 = jnp.zeros(len(data.train.y), jnp.float32)
-    return Task(task_fns(m, batch_size), arrays, params0, hyper0), m
+    return Task(task_fns(m, batch_size), arrays, params0, hyper0, reptile_lr), m
 
 
 def probe_steps(outer_steps: int, count: int = 4) -> list[int]:
@@ -161,6 +167,7 @@ def run_method(
     key: jax.Array,
     progress=None,
     probes: bool = True,
+    evaluate_adapted: bool = False,
 ) -> MethodResult:
     """Train ``method`` on the cleaning task and measure it.
 
@@ -184,7 +191,16 @@ def run_method(
             )
             cosines.append(cosine_and_ratio(est, exact)[0])
 
-    run = train(method, task, settings.T, outer_steps, key, callback=probe, progress=progress)
+    run = train(
+        method,
+        task,
+        settings.T,
+        outer_steps,
+        key,
+        callback=probe,
+        progress=progress,
+        evaluate_adapted=evaluate_adapted,
+    )
     weights = np.asarray(jax.nn.sigmoid(run.state.hyperparams))
     return MethodResult(
         method.label,

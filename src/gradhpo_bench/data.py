@@ -259,6 +259,28 @@ def corrupt_labels(
     return noisy
 
 
+def replace_labels(
+    y: np.ndarray, probability: float, classes: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Labels each replaced, with ``probability``, by a uniformly drawn class (any class).
+
+    The Greedy paper's noise model (§5.3): a replaced label may come out unchanged, so the
+    expected fraction of wrong labels is ``probability·(1 - 1/classes)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from gradhpo_bench.data import replace_labels
+      >>> y = np.zeros(10_000, np.int32)
+      >>> noisy = replace_labels(y, 0.3, 10, np.random.default_rng(0))
+      >>> round(float((noisy != y).mean()), 2)  # 0.3 · 0.9
+      0.27
+    """
+    noisy = y.copy()
+    hit = rng.random(len(y)) < probability
+    noisy[hit] = rng.integers(0, classes, int(hit.sum()))
+    return noisy
+
+
 def cleaning_split(
     x: np.ndarray,
     y: np.ndarray,
@@ -268,6 +290,8 @@ def cleaning_split(
     noise: float,
     seed: int,
     test: tuple[np.ndarray, np.ndarray] | None = None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    replacement: bool = False,
 ) -> CleaningData:
     """A hyper-cleaning split: ``n_train`` noisy, ``n_val`` clean, the rest a clean test set.
 
@@ -278,6 +302,11 @@ def cleaning_split(
       noise: fraction of corrupted training labels, in [0, 1).
       seed: seeds the permutation and the corruption.
       test: a separate ``(x, y)`` test set; default: every example after train and val.
+      val: a separate ``(x, y)`` validation set (then ``n_val`` is ignored), e.g. the
+        whole test split of an IDX data set as in the Greedy paper.
+      replacement: the paper's noise model, :func:`replace_labels` (each label replaced
+        with probability ``noise``); default :func:`corrupt_labels` (exactly
+        ``round(noise·n)`` wrong labels).
 
     Returns:
       :class:`CleaningData`. The three splits are disjoint.
@@ -300,16 +329,18 @@ def cleaning_split(
     rng = np.random.default_rng(seed)
     classes = int(y.max()) + 1
     order = rng.permutation(len(y))
+    n_val = 0 if val is not None else n_val
     tr, va = order[:n_train], order[n_train : n_train + n_val]
-    noisy = corrupt_labels(y[tr], noise, classes, rng)
+    noisy = (replace_labels if replacement else corrupt_labels)(y[tr], noise, classes, rng)
     if test is None:
         te = order[n_train + n_val :]
         test_x, test_y = x[te], y[te]
     else:
         test_x, test_y = test
+    val_x, val_y = (x[va], y[va]) if val is None else val
     return CleaningData(
         Split(x[tr], noisy, y[tr]),
-        Split(x[va], y[va], y[va]),
+        Split(val_x, val_y, val_y),
         Split(test_x, test_y, test_y),
         classes,
     )

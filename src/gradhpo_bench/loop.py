@@ -190,6 +190,7 @@ def train(
     hyper0: PyTree | None = None,
     callback: Callable[[int, BilevelState, jax.Array], None] | None = None,
     progress: Any = None,
+    evaluate_adapted: bool = False,
 ) -> Run:
     """Run ``outer_steps`` outer steps of ``method`` on ``task`` through ``gradhpo.training.run``.
 
@@ -211,6 +212,8 @@ def train(
       callback: ``callback(k, state, key_k)`` with the state before outer step k (for
         k = 0 before the run; not timed) and ``key_k = fold_in(key, k)``.
       progress: an object with ``update(n)`` (a progress bar), or ``None``.
+      evaluate_adapted: for an episodic task, record the metrics of the adapted weights
+        ``w_T`` instead of φ (a task that restarts from a fixed point every outer step).
 
     Returns:
       A :class:`Run`.
@@ -240,7 +243,8 @@ def train(
     def after_episode(k, new_state, window_records):
         jax.block_until_ready(new_state)
         marks.append(time.perf_counter())
-        weights = window_records["meta_params"] if episodic else new_state.params
+        use_phi = episodic and not evaluate_adapted
+        weights = window_records["meta_params"] if use_phi else new_state.params
         records.append(_evaluate(fns, task.data, weights, new_state.hyperparams))
         if callback is not None and k + 1 < outer_steps:
             callback(k + 1, new_state, jax.random.fold_in(key, k + 1))

@@ -101,10 +101,14 @@ def convnet(image_size: int, classes: int, channels: int = 8) -> Model:
     def apply(params, x):
         h = x[..., None]
         for layer in params["convs"]:
-            h = jax.lax.conv_general_dilated(
-                h, layer["w"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            # The convolution as image patches times a matrix (the same function): XLA:CPU
+            # runs convolution gradients inside a loop (lax.scan) some 80 times slower than
+            # outside one, and the patch form is 7 times faster there.
+            patches = jax.lax.conv_general_dilated_patches(
+                h, (3, 3), (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
-            h = jax.nn.relu(h + layer["b"])
+            w = jnp.transpose(layer["w"], (2, 0, 1, 3))  # patches order (c_in, kh, kw)
+            h = jax.nn.relu(patches @ w.reshape(-1, w.shape[-1]) + layer["b"])
         h = h.reshape(h.shape[0], -1)
         return h @ params["head"]["w"] + params["head"]["b"]
 
