@@ -189,18 +189,16 @@ class _Loop:
         config = options.config(opt)
         self.opt, self.tl, self.vl = opt, tl, vl
         opt.note_loss_functions(tl, vl)  # a new lambda per run compiles the run again
-        self.tasks = train_data if isinstance(train_data, Tasks) else None
-        if self.tasks is not None:
-            self.train = self.val = None
+        meta = isinstance(train_data, Tasks)  # the compiled programs dispatch on it
+        if meta:
+            self.train, self.val = train_data, None
             _check_meta(options, val_data, vmapped)
         else:
             self.train = as_source(train_data, "train_data")
             self.val = as_source(val_data, "val_data")
         self.lr_hyper = options.traced_lr()
         self.lr_reptile = options.lr_reptile if options.lr_reptile is not None else 0.0
-        self.jittable = self.tasks is not None or (
-            isinstance(self.train, Sampler) and isinstance(self.val, Sampler)
-        )
+        self.jittable = meta or (isinstance(self.train, Sampler) and isinstance(self.val, Sampler))
         if config.warmup and not self.jittable:
             raise ValueError(
                 "warmup_steps needs jittable data: a gradhpo.training.Sampler or a fixed batch "
@@ -232,13 +230,11 @@ class _Loop:
         """Episode ``episode`` of the run keyed ``key``: (state, φ, window records)."""
         if not self.jittable:
             return self.host_episode(state, phi, programs.episode_keys(key, episode)[1])
-        train, val = (self.tasks, None) if self.tasks is not None else (self.train, self.val)
-        return self.episode_fn(state, phi, key, episode, train, val, self.lr_hyper, self.lr_reptile)
+        args = (self.train, self.val, self.lr_hyper, self.lr_reptile)
+        return self.episode_fn(state, phi, key, episode, *args)
 
     def refit(self, state, key, episode):
         """The optimizer's refit (HyperDistill: θ) on freshly drawn batches."""
-        if self.tasks is not None:
-            return self.refit_fn(state, key, episode, self.tasks, None)
         if self.jittable:
             return self.refit_fn(state, key, episode, self.train, self.val)
         k_refit = programs.episode_keys(key, episode)[0]
