@@ -173,6 +173,29 @@ def test_cleaning_on_idx_files_runs_the_papers_protocol(tmp_path, restart):
     text = (out / "cleaning.md").read_text()
     assert "conv net" in text and f"--restart {restart}" in text
     assert "Greedy − no tuning on the tuning split" in text and "(paper +16.60)" in text
+    assert "0 of the 5 runs were loaded" in text and len(list((out / "runs").glob("*.npz"))) == 5
+
+
+def test_the_papers_protocol_resumes_from_its_stored_runs(tmp_path):
+    _write_tiny_mnist(tmp_path / "mnist")
+    out = tmp_path / "out"
+    argv = ["bench", "cleaning", "--quick", "--dataset", "mnist", "--seeds", "1"]
+    argv += ["--data-dir", str(tmp_path / "mnist"), "--out", str(out)]
+    assert _run(argv) == 0
+    first = _check_outputs(out, "cleaning")
+    (out / "runs" / "mnist-p0.3-warm-seed0-greedy.npz").unlink()  # as if interrupted there
+    assert _run(argv) == 0
+    text = (out / "cleaning.md").read_text()
+    assert "4 of the 5 runs were loaded" in text
+    cells = ["acc on tuning split (%)", "held-out acc (%)", "per seed, tuning split (%)"]
+    assert [[r[c] for c in cells] for r in _check_outputs(out, "cleaning")[0]] == [
+        [r[c] for c in cells] for r in first[0]
+    ]  # the rerun Greedy and the loaded runs give the same table
+    assert _run([*argv, "--fresh"]) == 0
+    assert "0 of the 5 runs were loaded" in (out / "cleaning.md").read_text()
+    argv = ["bench", "cleaning", "--quick", "--outer-steps", "4", *argv[2:]]
+    assert _run(argv) == 0  # other settings: nothing is loaded
+    assert "0 of the 5 runs were loaded" in (out / "cleaning.md").read_text()
 
 
 def test_the_papers_protocol_refuses_a_method_list(tmp_path, capsys):
@@ -300,6 +323,7 @@ def test_explicit_flags_win_over_quick(tmp_path, monkeypatch):
         (["bench", "nope"], "invalid choice"),
         (["bench", "fidelity", "--gamma", "0"], "--gamma"),
         (["bench", "cleaning", "--data-dir", "/tmp"], "only for --dataset"),
+        (["bench", "cleaning", "--fresh"], "argument --fresh: only for --dataset"),
         (["demo", "--out", ""], "argument --out: must name a folder, got an empty string"),
         (["bench", "cost", "--quick", "--out", " "], "must name a folder"),
         ([], "required"),

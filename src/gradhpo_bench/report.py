@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from gradhpo.training.progress import progress_bar as _progress_bar
 from gradhpo.training.progress import progress_enabled as _progress_enabled
 
@@ -261,6 +263,61 @@ def write_report(path: pathlib.Path, title: str, lines: Sequence[str]) -> str:
     text = "\n".join([f"# {title}", "", provenance(), *lines])
     write_text(path, text)
     return text
+
+
+class RunStore:
+    """Finished runs of a long bench, one ``.npz`` file each, so an interrupted bench resumes.
+
+    A run is a ``NamedTuple`` of strings, numbers and arrays, stored under its ``name`` with
+    a ``fingerprint`` (a string of every setting that changes its result). A later call with
+    the same name and fingerprint loads it instead of running it again; a different
+    fingerprint runs it again and replaces the file.
+
+    Args:
+      folder: where the files go (created on the first store).
+      fresh: ignore stored runs (run everything again, replacing the files).
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> from typing import NamedTuple
+      >>> import numpy as np
+      >>> from gradhpo_bench.report import RunStore
+      >>> class R(NamedTuple):
+      ...     label: str
+      ...     value: float
+      ...     curve: np.ndarray
+      >>> store = RunStore(pathlib.Path(tempfile.mkdtemp()))
+      >>> first = store.get(R, "seed0", "lr=0.1", lambda: R("a", 1.5, np.arange(3.0)))
+      >>> again = store.get(R, "seed0", "lr=0.1", lambda: R("never run", 0.0, np.zeros(0)))
+      >>> again.label, again.value, again.curve.tolist(), store.loaded
+      ('a', 1.5, [0.0, 1.0, 2.0], 1)
+    """
+
+    def __init__(self, folder: pathlib.Path, fresh: bool = False):
+        self.folder, self.fresh, self.loaded = pathlib.Path(folder), fresh, 0
+
+    def get(self, cls: type, name: str, fingerprint: str, compute):
+        """The stored run ``name`` (a ``cls``) if its fingerprint matches, else ``compute()``."""
+        path = self.folder / f"{name}.npz"
+        if not self.fresh and path.is_file():
+            with np.load(path, allow_pickle=False) as stored:
+                if str(stored["_fingerprint"]) == fingerprint:
+                    self.loaded += 1
+                    return cls(**{f: _unpack(stored[f]) for f in cls._fields})
+        result = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npz")
+        np.savez(
+            partial,
+            _fingerprint=fingerprint,
+            **{f: np.asarray(v) for f, v in result._asdict().items()},
+        )
+        os.replace(partial, path)  # a run is stored whole or not at all
+        return result
+
+
+def _unpack(value):
+    return value.item() if value.ndim == 0 else value
 
 
 def label_axes(ax, xlabel: str, ylabel: str | None = None, *, xlog=False, ylog=False, legend=8):
