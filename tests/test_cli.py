@@ -17,6 +17,7 @@ from gradhpo_bench.data import cleaning_split, digits, read_idx, write_idx
 from gradhpo_bench.loop import train
 from gradhpo_bench.methods import METHODS, Settings, build
 from gradhpo_bench.metrics import auroc
+from gradhpo_bench.models import convnet
 from gradhpo_bench.report import parse_markdown_tables
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -375,3 +376,26 @@ def test_import_gradhpo_stays_light():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("side", [8, 7])
+def test_the_bench_conv_net_is_a_stride_two_same_convolution(side):
+    model = convnet(side, 10)
+    params = model.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, side, side))
+
+    def reference(params, x):  # the convolutions as XLA's convolution op
+        h = x[..., None]
+        for layer in params["convs"]:
+            h = jax.lax.conv_general_dilated(
+                h, layer["w"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            h = jax.nn.relu(h + layer["b"])
+        return h.reshape(h.shape[0], -1) @ params["head"]["w"] + params["head"]["b"]
+
+    np.testing.assert_allclose(model.apply(params, x), reference(params, x), atol=1e-5)
+    grads = [
+        jax.grad(lambda p, f=f: jnp.sum(f(p, x) ** 2))(params) for f in (model.apply, reference)
+    ]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

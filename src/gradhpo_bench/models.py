@@ -101,18 +101,34 @@ def convnet(image_size: int, classes: int, channels: int = 8) -> Model:
     def apply(params, x):
         h = x[..., None]
         for layer in params["convs"]:
-            # The convolution as image patches times a matrix (the same function): XLA:CPU
-            # runs convolution gradients inside a loop (lax.scan) some 80 times slower than
-            # outside one, and the patch form is 7 times faster there.
-            patches = jax.lax.conv_general_dilated_patches(
-                h, (3, 3), (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
             w = jnp.transpose(layer["w"], (2, 0, 1, 3))  # patches order (c_in, kh, kw)
-            h = jax.nn.relu(patches @ w.reshape(-1, w.shape[-1]) + layer["b"])
+            h = jax.nn.relu(_patches(h) @ w.reshape(-1, w.shape[-1]) + layer["b"])
         h = h.reshape(h.shape[0], -1)
         return h @ params["head"]["w"] + params["head"]["b"]
 
     return Model(f"conv net 3×{channels} channels", init, apply)
+
+
+def _patches(h: jax.Array) -> jax.Array:
+    """The 3×3 stride-2 "SAME" patches of NHWC ``h``, features ordered (c_in, kh, kw).
+
+    The convolution is written as these patches times a matrix (the same function), built
+    from strided slices: XLA:CPU runs convolution gradients inside a loop (``lax.scan``)
+    some 80 times slower than outside one, and ``lax.conv_general_dilated_patches`` is a
+    convolution too; the slices' gradients are pads, which it runs fast.
+    """
+    n, height, width, c = h.shape
+    out_h, out_w = (height + 1) // 2, (width + 1) // 2
+    pad_h, pad_w = 2 * out_h + 1 - height, 2 * out_w + 1 - width  # SAME: low = total // 2
+    h = jnp.pad(
+        h, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+    )
+    taps = [
+        h[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2, :]
+        for i in range(3)
+        for j in range(3)
+    ]
+    return jnp.stack(taps, axis=-1).reshape(n, out_h, out_w, c * 9)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
